@@ -1,0 +1,60 @@
+"""The error types of deployer. Each layer raises its own; the web layer maps them to responses
+in one place (:mod:`deployer.webhook`)."""
+
+from __future__ import annotations
+
+
+class DeployerError(Exception):
+    """Base of every error that deployer raises on purpose."""
+
+
+class ConfigError(DeployerError):
+    """The configuration cannot be used; the message says how to fix it."""
+
+
+class DockerError(DeployerError):
+    """The Docker engine answered with an error.
+
+    ``status`` is the HTTP status (0 when there was no HTTP answer), ``message`` the engine's own
+    words.
+    """
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.message} (HTTP {self.status})" if self.status else self.message
+
+
+class DockerUnavailable(DockerError):
+    """The Docker engine could not be reached at all."""
+
+
+class ImageNotFound(DockerError):
+    """The engine does not know the image (or the container) asked for."""
+
+
+class PullFailed(DockerError):
+    """A pull ended in an error, possibly after the engine had answered 200."""
+
+
+class EtcdUnavailable(DeployerError):
+    """No etcd member answered in time."""
+
+
+class BadWebhook(DeployerError):
+    """A webhook request that is refused; ``code`` is the HTTP status to answer with."""
+
+    def __init__(self, reason: str, code: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Unauthorized(BadWebhook):
+    """A webhook request without valid credentials."""
+
+    def __init__(self, reason: str = "missing or invalid token") -> None:
+        super().__init__(reason, 401)
