@@ -32,8 +32,16 @@ class DockerUnavailable(DockerError):
     """The Docker engine could not be reached at all."""
 
 
-class ImageNotFound(DockerError):
-    """The engine does not know the image (or the container) asked for."""
+class NotFound(DockerError):
+    """The engine does not know the object asked for (HTTP 404)."""
+
+
+class ImageNotFound(NotFound):
+    """The engine does not know the image asked for."""
+
+
+class ContainerNotFound(NotFound):
+    """The engine does not know the container asked for."""
 
 
 class PullFailed(DockerError):

@@ -1,0 +1,408 @@
+"""A Docker Engine API client: treq over the engine's unix socket (or TCP), no SDK.
+
+Only the calls the daemon needs: ping, version negotiation, list images, list running
+containers, inspect, pull (a streaming response), stop. Errors are typed
+(:mod:`deployer.errors`) and carry the engine's own message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import attrs
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
+
+from deployer.dockercfg import Credentials
+from deployer.errors import (
+    ContainerNotFound,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+    NotFound,
+    PullFailed,
+)
+
+log = Logger()
+
+#: The newest API version this client speaks; the engine's own is used when it is older.
+CLIENT_API_VERSION = "1.41"
+#: The oldest engine API that has everything used here (``ImageID`` in the container list).
+MIN_API_VERSION = "1.24"
+
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+
+_ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$")
+_CONNECTION_ERRORS = (ConnectError, ConnectionRefusedError, TimeoutError, ResponseFailed, OSError)
+
+
+def looks_like_id(image: str) -> bool:
+    """True for an image field that holds an id rather than a name (its tag moved on)."""
+    return bool(_ID_RE.match(image))
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+
+def negotiate_version(server: str, server_min: str | None = None) -> str:
+    """The version the docker CLI would choose: ours, or the engine's when that is older."""
+    if not server:
+        return CLIENT_API_VERSION
+    if _version_tuple(server) < _version_tuple(MIN_API_VERSION):
+        raise DockerError(
+            f"the engine speaks API {server}, older than {MIN_API_VERSION} that deployer needs"
+        )
+    if _version_tuple(server) < _version_tuple(CLIENT_API_VERSION):
+        return server
+    return CLIENT_API_VERSION
+
+
+@attrs.frozen
+class Image:
+    id: str
+    repo_tags: tuple[str, ...] = ()
+    repo_digests: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Image:
+        return cls(
+            id=str(obj.get("Id", "")),
+            repo_tags=tuple(t for t in (obj.get("RepoTags") or ()) if t != "<none>:<none>"),
+            repo_digests=tuple(
+                d for d in (obj.get("RepoDigests") or ()) if d != "<none>@<none>"
+            ),
+        )
+
+
+@attrs.frozen
+class Container:
+    id: str
+    name: str
+    image: str
+    image_id: str
+    labels: Mapping[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Container:
+        names = obj.get("Names") or ()
+        return cls(
+            id=str(obj.get("Id", "")),
+            name=str(names[0]).lstrip("/") if names else str(obj.get("Id", ""))[:12],
+            image=str(obj.get("Image", "")),
+            image_id=str(obj.get("ImageID", "")),
+            labels=dict(obj.get("Labels") or {}),
+        )
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class _FixedEndpoint:
+    """Every request goes to one endpoint, whatever the URL's host says."""
+
+    endpoint: IStreamClientEndpoint
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return self.endpoint
+
+
+def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
+    """``unix:///path`` or ``tcp://host:port`` (the forms of ``-docker`` and DOCKER_HOST)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        path = parts.path or parts.netloc
+        if not path:
+            raise ValueError(f"no socket path in {url!r}")
+        return UNIXClientEndpoint(reactor, path, timeout=10)
+    if parts.scheme in ("tcp", "http"):
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        return TCP4ClientEndpoint(reactor, parts.hostname, parts.port or 2375, timeout=10)
+    raise ValueError(f"unsupported Docker endpoint {url!r}: use unix:///path or tcp://host:port")
+
+
+class _PullReader(Protocol):
+    """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly."""
+
+    def __init__(self, done: Deferred[None], repotag: str, clock: IReactorTime) -> None:
+        self.done = done
+        self.repotag = repotag
+        self.clock = clock
+        self.buffer = b""
+        self.error: str | None = None
+        self.last_status = ""
+        self.next_log = 0.0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self.line(line)
+
+    def line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            log.warn("pull {repotag}: unreadable progress line {line!r}", repotag=self.repotag,
+                     line=line[:200])
+            return
+        if not isinstance(msg, dict):
+            return
+        if msg.get("error") or msg.get("errorDetail"):
+            detail = msg.get("errorDetail") or {}
+            if not isinstance(detail, dict):
+                detail = {}
+            message = msg.get("error") or detail.get("message")
+            if self.error is None:
+                self.error = str(message or "unknown pull error")
+            return
+        status = str(msg.get("status", ""))
+        if "progressDetail" in msg and msg.get("progress"):
+            now = self.clock.seconds()
+            if now >= self.next_log:
+                self.next_log = now + 5.0
+                log.debug("pull {repotag}: {status} {progress}", repotag=self.repotag,
+                          status=status, progress=msg.get("progress"))
+            return
+        if status and status != self.last_status and not msg.get("id"):
+            self.last_status = status
+            log.info("pull {repotag}: {status}", repotag=self.repotag, status=status)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.buffer:
+            self.line(self.buffer)
+            self.buffer = b""
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            why = _describe(reason.value)
+            self.done.errback(DockerUnavailable(f"pull {self.repotag}: connection lost: {why}"))
+
+
+class DockerClient:
+    """The engine client. Build it with :meth:`from_url`, or give it any ``IAgent`` (tests give
+    one over an in-memory engine)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        agent: IAgent,
+        base: str = "http://docker",
+        credentials: Credentials | None = None,
+        pool: HTTPConnectionPool | None = None,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.reactor = reactor
+        self.http = HTTPClient(agent)
+        self.base = base.rstrip("/")
+        self.credentials = credentials or Credentials()
+        self.pool = pool
+        self.request_timeout = request_timeout
+        self._version: str | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        reactor: Any,
+        url: str = DEFAULT_DOCKER_URL,
+        credentials: Credentials | None = None,
+    ) -> DockerClient:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 8
+        pool._factory.noisy = False
+        endpoint = engine_endpoint(reactor, url)
+        agent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
+        return cls(reactor, agent, "http://docker", credentials, pool)
+
+    def close(self) -> Deferred[None]:
+        if self.pool is None:
+            return Deferred.fromCoroutine(_nothing())
+        return self.pool.closeCachedConnections()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[bytes | str, bytes | str] | None = None,
+        versioned: bool = True,
+        timeout: float | None = None,
+    ) -> IResponse:
+        if versioned:
+            path = f"/v{await self.version()}{path}"
+        url = self.base + path
+        if params:
+            url += "?" + urlencode(params)
+        try:
+            response: IResponse = await self.http.request(
+                method,
+                url,
+                headers=dict(headers or {}),
+                timeout=timeout or self.request_timeout,
+            )
+        except _CONNECTION_ERRORS as e:
+            self._version = None  # the engine may come back with another version
+            raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
+        return response
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._request(method, path, **kwargs)
+        body = await self._body(response)
+        if response.code >= 400:
+            raise _error(response.code, body, path)
+        try:
+            return json.loads(body) if body else None
+        except ValueError as e:
+            raise DockerError(f"{method} {path}: the engine sent no JSON: {body[:200]!r}",
+                              response.code) from e
+
+    async def _body(self, response: IResponse) -> bytes:
+        try:
+            body: bytes = await treq.content(response)
+        except _CONNECTION_ERRORS as e:
+            why = _describe(e)
+            raise DockerUnavailable(f"the Docker engine closed the connection: {why}") from e
+        return body
+
+    # -- the calls ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        response = await self._request("GET", "/_ping", versioned=False, timeout=10)
+        body = await self._body(response)
+        if response.code != 200:
+            raise DockerUnavailable(f"the engine answered /_ping with {body[:200]!r}",
+                                    response.code)
+
+    async def version(self) -> str:
+        if self._version is None:
+            response = await self._request("GET", "/version", versioned=False, timeout=10)
+            body = await self._body(response)
+            if response.code != 200:
+                raise _error(response.code, body, "/version")
+            try:
+                info = json.loads(body)
+            except ValueError as e:
+                raise DockerError(f"/version: no JSON: {body[:200]!r}") from e
+            self._version = negotiate_version(
+                str(info.get("ApiVersion", "")), info.get("MinAPIVersion")
+            )
+            log.info("Docker engine {engine}, API {api}", engine=info.get("Version", "?"),
+                     api=self._version)
+        return self._version
+
+    async def images(self) -> list[Image]:
+        return [Image.from_json(obj) for obj in await self._json("GET", "/images/json") or ()]
+
+    async def containers(self) -> list[Container]:
+        """The running containers."""
+        found = await self._json("GET", "/containers/json") or ()
+        return [Container.from_json(obj) for obj in found]
+
+    async def inspect_image(self, name: str) -> Image:
+        try:
+            obj = await self._json("GET", f"/images/{quote(name, safe='/:@')}/json")
+        except NotFound as e:
+            raise ImageNotFound(e.message, e.status) from e
+        return Image.from_json(obj)
+
+    async def inspect_container(self, container_id: str) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = await self._json(
+                "GET", f"/containers/{quote(container_id, safe='')}/json"
+            )
+        except NotFound as e:
+            raise ContainerNotFound(e.message, e.status) from e
+        return obj
+
+    async def pull(self, repotag: str, timeout: float = 3600.0) -> None:
+        """Pull one ``repo:tag``; raises :class:`PullFailed` when the engine reports an error,
+        even inside a 200 stream."""
+        rest, _, digest = repotag.partition("@")
+        slash, colon = rest.rfind("/"), rest.rfind(":")
+        if digest:
+            name, tag = rest if colon <= slash else rest[:colon], digest
+        elif colon > slash:
+            name, tag = rest[:colon], rest[colon + 1:]
+        else:
+            raise PullFailed(f"{repotag!r} names no tag; refusing to pull every tag")
+        headers: dict[bytes | str, bytes | str] = {}
+        auth = self.credentials.for_image(repotag)
+        if auth is not None:
+            headers["X-Registry-Auth"] = auth.header()
+        started = time.monotonic()
+        response = await self._request(
+            "POST",
+            "/images/create",
+            params={"fromImage": name, "tag": tag},
+            headers=headers,
+            timeout=timeout,
+        )
+        if response.code != 200:
+            body = await self._body(response)
+            error = _error(response.code, body, "/images/create")
+            raise PullFailed(f"pull {repotag}: {error.message}", response.code)
+        done: Deferred[None] = Deferred()
+        reader = _PullReader(done, repotag, self.reactor)
+        response.deliverBody(reader)
+        await done
+        if reader.error is not None:
+            raise PullFailed(f"pull {repotag}: {reader.error}", 200)
+        log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
+                 seconds=time.monotonic() - started)
+
+    async def stop(self, container_id: str, timeout: int) -> None:
+        """Stop a container, killing it after ``timeout`` seconds; a stopped one is fine."""
+        try:
+            await self._json(
+                "POST",
+                f"/containers/{quote(container_id, safe='')}/stop",
+                params={"t": str(int(timeout))},
+                timeout=timeout + 30,
+            )
+        except NotFound as e:
+            raise ContainerNotFound(e.message, e.status) from e
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ResponseFailed):
+        return "; ".join(str(r.value) for r in e.reasons) or "response failed"
+    return str(e) or type(e).__name__
+
+
+def _error(code: int, body: bytes, what: str) -> DockerError:
+    message = body.decode("utf-8", "replace").strip()
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and obj.get("message"):
+            message = str(obj["message"])
+    except ValueError:
+        pass
+    message = message or f"{what} failed"
+    if code == 404:
+        return NotFound(message, code)
+    return DockerError(message, code)
