@@ -1,0 +1,188 @@
+"""The daemon as one ``MultiService``, built from a :class:`deployer.config.Config`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.application import strports
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from deployer.docker import DockerClient
+from deployer.errors import DockerError
+from deployer.model import Update
+from deployer.reconcile import Reconciler, RoundReport
+
+log = Logger()
+
+
+@attrs.define
+class LocalSink:
+    """Standalone mode: an accepted update goes straight to this host's reconciler."""
+
+    reconciler: Reconciler
+
+    async def accept(self, updates: Sequence[Update]) -> str:
+        for update in updates:
+            log.info("accepted update {update}", update=update.describe())
+            self.reconciler.request(update)
+        return "Queued " + ", ".join(u.pattern for u in updates)
+
+
+@attrs.define
+class EtcdSink:
+    """Fleet mode: an update is accepted once etcd has acknowledged it; every host's watch
+    (this one's too) then runs the round."""
+
+    etcd: Any
+
+    async def accept(self, updates: Sequence[Update]) -> str:
+        revisions = await DeferredList(
+            [self.etcd.record(u) for u in updates], fireOnOneErrback=True, consumeErrors=True
+        )
+        for update, (_, revision) in zip(updates, revisions, strict=True):
+            log.info("recorded update {update} at etcd revision {revision}",
+                     update=update.describe(), revision=revision)
+        return "Triggered etcd " + ", ".join(self.etcd.key_for(u) for u in updates)
+
+
+@attrs.define
+class Health:
+    docker: DockerClient
+    watch: Any = None
+
+    async def __call__(self) -> str | None:
+        try:
+            await self.docker.ping()
+        except DockerError as e:
+            return f"docker: {e}"
+        if self.watch is not None and not self.watch.live:
+            return f"etcd watch: {self.watch.reason}"
+        return None
+
+
+class _Closing(Service):
+    """Closes connection pools and cancels retries when the daemon stops."""
+
+    def __init__(self, reconciler: Reconciler, closers: Sequence[Any]) -> None:
+        self.reconciler = reconciler
+        self.closers = closers
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.reconciler.stop()
+        return DeferredList([Deferred.fromCoroutine(_maybe(c())) for c in self.closers])
+
+
+async def _maybe(result: Any) -> None:
+    if isinstance(result, Deferred) or hasattr(result, "__await__"):
+        await result
+
+
+def make_service(config: Any, reactor: Any) -> MultiService:
+    from deployer.auth import TokenAuth
+    from deployer.metrics import Metrics
+    from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
+    from deployer.webhook import WebhookApp
+
+    top = MultiService()
+    metrics = Metrics()
+    docker = DockerClient.from_url(reactor, config.docker, config.credentials)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory.noisy = False
+    http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
+    notifiers = []
+    if config.slack_webhook_url:
+        notifiers.append(SlackNotifier(http, reactor, config.slack_webhook_url,
+                                       config.slack_username))
+    if config.notify_url:
+        notifiers.append(WebhookNotifier(http, reactor, config.notify_url))
+    fanout = Notifiers(notifiers)
+
+    def notify(report: RoundReport) -> None:
+        if report.stopped or report.failed:
+            fanout.deployed(round_report(config.hostname, report))
+
+    reconciler = Reconciler(
+        reactor,
+        docker,
+        kill_timeout=config.kill_timeout,
+        max_pulls=config.max_threads,
+        observers=[metrics.observe_round, notify],
+    )
+
+    closers: list[Any] = [docker.close, pool.closeCachedConnections]
+    watch = None
+    if config.standalone:
+        sink: Any = LocalSink(reconciler)
+        context = f"deployer={config.hostname}"
+    else:
+        from deployer.etcd import Etcd, EtcdConfig
+
+        etcd = Etcd(
+            reactor,
+            EtcdConfig(
+                nodes=config.etcd_nodes,
+                prefix=config.etcd_prefix,
+                dial_timeout=config.etcd_dial_timeout,
+                retry_delay=config.etcd_retry_delay,
+                strong_consistency=config.strong_consistency,
+            ),
+        )
+        sink = EtcdSink(etcd)
+        watch = etcd.watch(reconciler.request)
+        watch.setServiceParent(top)
+        closers.append(etcd.close)
+        context = "etcd=" + ",".join(config.etcd_nodes)
+
+    app = WebhookApp(
+        clock=reactor,
+        sink=sink,
+        health=Health(docker, watch),
+        auth=TokenAuth(config.webhook_tokens) if config.webhook_tokens else None,
+        callbacks=DockerHubCallback(http, reactor, config.callback_hosts),
+        webhook_path=config.webhook_path,
+        public_url=config.public_url,
+        context=context,
+        metrics=metrics,
+    )
+    site = Site(app.resource())
+    site.noisy = False
+    strports.service(config.listen, site).setServiceParent(top)
+
+    if config.repull_period > 0:
+        repull = TimerService(
+            config.repull_period,
+            lambda: reconciler.request(Update("*", source="repull", received=reactor.seconds())),
+        )
+        repull.clock = reactor
+        repull.setServiceParent(top)
+
+    _Closing(reconciler, closers).setServiceParent(top)
+    return top
+
+
+def round_report(hostname: str, report: RoundReport) -> dict[str, Any]:
+    """The JSON that notifications carry: what was deployed where."""
+    return {
+        "host": hostname,
+        "patterns": list(report.patterns),
+        "pulled": dict(report.pulled),
+        "failed": dict(report.failed),
+        "stopped": [
+            {"name": s.name, "id": s.id, "image": s.repotag, "old_image_id": s.old_image,
+             "new_image_id": s.new_image}
+            for s in report.stopped
+        ],
+        "errors": list(report.errors),
+        "started": report.started,
+        "finished": report.finished,
+    }

@@ -1,0 +1,195 @@
+"""Options are plain parsing: no reactor, no network."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from deployer.tap import Options, listen_endpoint, parse_duration
+
+GO_FLAGS = [
+    "docker", "dockercfg", "etcd_dial_timeout", "etcd_nodes", "etcd_prefix", "etcd_retry_delay",
+    "kill_timeout", "listen", "max_threads", "registry", "repull_period", "slack_username",
+    "slack_webhook_url", "strong_consistency", "webhook_path",
+]
+
+
+def parse(args: list[str], environ: dict[str, str] | None = None, home: Path | None = None):
+    env = {"HOME": str(home or "/nonexistent")}
+    env.update(environ or {})
+    opts = Options(environ=env)
+    opts.parseOptions(args)
+    assert opts.config is not None
+    return opts.config
+
+
+def test_every_go_flag_is_listed_with_its_default() -> None:
+    text = " ".join(str(Options(environ={})).split())
+    for flag in GO_FLAGS:
+        assert f"--{flag}" in text, flag
+    assert "[default: 5s]" in text  # etcd_dial_timeout
+    assert "[default: /deployer]" in text
+    assert "[default: :4500]" in text
+    assert "[default: 24h0m0s]" in text
+    assert "[default: /api/dockerhub/webhook]" in text
+    assert "[default: https://index.docker.io/v1/]" in text
+
+
+def test_defaults_match_the_go_original() -> None:
+    c = parse(["--insecure_webhooks"])
+    assert c.docker == "unix:///var/run/docker.sock"
+    assert c.etcd_nodes == ()  # standalone
+    assert c.standalone
+    assert c.etcd_prefix == "/deployer"
+    assert c.etcd_dial_timeout == 5.0
+    assert c.etcd_retry_delay == 2.0
+    assert c.kill_timeout == 10
+    assert c.listen == "tcp:4500"
+    assert c.max_threads == 4
+    assert c.registry == "https://index.docker.io/v1/"
+    assert c.repull_period == 86400.0
+    assert c.slack_username == "Deployer"
+    assert c.slack_webhook_url is None
+    assert c.strong_consistency is False
+    assert c.webhook_path == "/api/dockerhub/webhook"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--etcd_nodes", "http://a:2379,http://b:2379", "--strong_consistency",
+         "--kill_timeout", "3"],
+        ["--etcd-nodes", "http://a:2379,http://b:2379", "--strong-consistency", "--kill-timeout=3"],
+        ["-etcd_nodes=http://a:2379,http://b:2379", "-strong_consistency", "-kill_timeout", "3"],
+        ["-etcd_nodes", "http://a:2379,http://b:2379", "-strong_consistency=true",
+         "-kill_timeout=3"],
+    ],
+)
+def test_go_single_dash_and_dashed_spellings(args: list[str]) -> None:
+    c = parse([*args, "--insecure_webhooks"])
+    assert c.etcd_nodes == ("http://a:2379", "http://b:2379")
+    assert c.strong_consistency is True
+    assert c.kill_timeout == 3
+    assert not c.standalone
+
+
+def test_option_values_that_look_like_flags_are_left_alone() -> None:
+    c = parse(["--slack_username", "-qa deploy", "--insecure_webhooks"])
+    assert c.slack_username == "-qa deploy"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5s", 5), ("2m", 120), ("24h0m0s", 86400), ("1m30s", 90), ("250ms", 0.25), ("1.5h", 5400),
+     ("0", 0), ("7", 7), ("0s", 0)],
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5x", "s", "-5s", "5s3", "1h 2m"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(usage.UsageError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoint"),
+    [
+        (":4500", "tcp:4500"),
+        ("127.0.0.1:4500", "tcp:4500:interface=127.0.0.1"),
+        ("[::1]:4500", "tcp:4500:interface=\\:\\:1"),
+        ("tcp:4500:interface=127.0.0.1", "tcp:4500:interface=127.0.0.1"),
+        ("unix:/run/deployer.sock", "unix:/run/deployer.sock"),
+    ],
+)
+def test_listen_forms(text: str, endpoint: str) -> None:
+    assert listen_endpoint(text) == endpoint
+
+
+def test_environment_fallbacks() -> None:
+    c = parse(
+        [],
+        {
+            "DOCKER_HOST": "tcp://10.0.0.1:2375",
+            "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/x",
+            "DEPLOYER_WEBHOOK_TOKEN": "s3cret",
+        },
+    )
+    assert c.docker == "tcp://10.0.0.1:2375"
+    assert c.slack_webhook_url == "https://hooks.slack.com/services/x"
+    assert c.webhook_tokens == ("s3cret",)
+    c = parse(["--docker", "unix:///x.sock"], {"DOCKER_HOST": "tcp://10.0.0.1:2375",
+                                                "DEPLOYER_WEBHOOK_TOKEN": "t"})
+    assert c.docker == "unix:///x.sock"
+
+
+def test_no_token_refuses_to_start_and_says_how() -> None:
+    with pytest.raises(usage.UsageError) as e:
+        parse([])
+    assert "--webhook_token" in str(e.value)
+    assert "DEPLOYER_WEBHOOK_TOKEN" in str(e.value)
+    assert "--insecure_webhooks" in str(e.value)
+
+
+def test_token_file(tmp_path: Path) -> None:
+    f = tmp_path / "token"
+    f.write_text("abc123\n")
+    assert parse(["--webhook_token_file", str(f)]).webhook_tokens == ("abc123",)
+    with pytest.raises(usage.UsageError, match="webhook_token_file"):
+        parse(["--webhook_token_file", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--kill_timeout", "soon"], "kill_timeout"),
+        (["--max_threads", "0"], "max_threads"),
+        (["--etcd_dial_timeout", "5 parsecs"], "etcd_dial_timeout"),
+        (["--listen", "everywhere"], "listen"),
+        (["--etcd_nodes", "ftp://x"], "etcd_nodes"),
+        (["--docker", "/var/run/docker.sock"], "docker"),
+        (["--webhook_path", "hook"], "webhook_path"),
+    ],
+)
+def test_bad_values_get_clear_messages(args: list[str], words: str) -> None:
+    with pytest.raises(usage.UsageError, match=words):
+        parse([*args, "--insecure_webhooks"])
+
+
+def test_named_dockercfg_must_be_readable(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="cannot read registry credentials"):
+        parse(["--dockercfg", str(tmp_path / "nope"), "--insecure_webhooks"])
+    bad = tmp_path / "bad"
+    bad.write_text("{not json")
+    with pytest.raises(usage.UsageError, match="not valid JSON"):
+        parse(["--dockercfg", str(bad), "--insecure_webhooks"])
+
+
+def test_default_dockercfg_missing_means_anonymous(tmp_path: Path) -> None:
+    c = parse(["--insecure_webhooks"], home=tmp_path)
+    assert len(c.credentials) == 0
+
+
+def test_credentials_from_both_formats(tmp_path: Path) -> None:
+    auth = base64.b64encode(b"hubuser:hubpass").decode()
+    (tmp_path / ".dockercfg").write_text(
+        json.dumps({"https://index.docker.io/v1/": {"auth": auth, "email": "x@y"}})
+    )
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker" / "config.json").write_text(
+        json.dumps({"auths": {"127.0.0.1:5000": {"username": "u", "password": "p"},
+                              "quay.io": {}}})
+    )
+    c = parse(["--insecure_webhooks"], home=tmp_path)
+    hub = c.credentials.for_image("myorg/foo:qa")
+    assert hub is not None and (hub.username, hub.password) == ("hubuser", "hubpass")
+    local = c.credentials.for_image("127.0.0.1:5000/myorg/foo:qa")
+    assert local is not None and (local.username, local.password) == ("u", "p")
+    assert c.credentials.for_image("quay.io/x/y:1") is None
+    header = json.loads(base64.urlsafe_b64decode(local.header()))
+    assert header == {"username": "u", "password": "p", "serveraddress": "127.0.0.1:5000"}
