@@ -1,4 +1,16 @@
 from setuptools import find_packages, setup
+from setuptools.command.editable_wheel import editable_wheel
+
+
+class EditableWithPlugins(editable_wheel):
+    """``pip install -e .`` puts the checkout on sys.path (setuptools' "compat" mode), so that
+    twistd finds ``twisted/plugins/deployer_plugin.py``: the default editable mode installs an
+    import hook that Twisted's plugin discovery does not look through."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.mode = "compat"
+
 
 setup(
     name="deployer",
@@ -26,6 +38,7 @@ setup(
         ],
         "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.4"],
     },
+    cmdclass={"editable_wheel": EditableWithPlugins},
     entry_points={"console_scripts": ["deployer=deployer.__main__:main"]},
     classifiers=[
         "Framework :: Twisted",
