@@ -137,6 +137,20 @@ def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
     raise ValueError(f"unsupported Docker endpoint {url!r}: use unix:///path or tcp://host:port")
 
 
+def engine_pool(reactor: Any) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool._factory.noisy = False
+    return pool
+
+
+def engine_agent(reactor: Any, url: str, pool: HTTPConnectionPool | None = None) -> IAgent:
+    """An agent that sends every request to the engine at ``url``, whatever the request URL's
+    host (requests are addressed as ``http://docker/...``)."""
+    endpoint = engine_endpoint(reactor, url)
+    return Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
+
+
 class _PullReader(Protocol):
     """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly."""
 
@@ -226,12 +240,8 @@ class DockerClient:
         url: str = DEFAULT_DOCKER_URL,
         credentials: Credentials | None = None,
     ) -> DockerClient:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 8
-        pool._factory.noisy = False
-        endpoint = engine_endpoint(reactor, url)
-        agent = Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
-        return cls(reactor, agent, "http://docker", credentials, pool)
+        pool = engine_pool(reactor)
+        return cls(reactor, engine_agent(reactor, url, pool), "http://docker", credentials, pool)
 
     def close(self) -> Deferred[None]:
         if self.pool is None:

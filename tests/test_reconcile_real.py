@@ -1,0 +1,203 @@
+"""The update round against a real dockerd and a real registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from deployer.docker import DockerClient, engine_agent, engine_pool
+from deployer.model import Update
+from deployer.reconcile import Reconciler, RoundReport
+from deployer.testing.agents import CountingAgent
+from tests.stack.docker_stack import Dockerd, ImageBuilder, run_container, unique
+
+pytestmark = pytest.mark.real
+
+
+class Engine:
+    """A real DockerClient whose requests are counted."""
+
+    def __init__(self, dockerd: Dockerd) -> None:
+        self.pool = engine_pool(reactor)
+        self.agent = CountingAgent(engine_agent(reactor, dockerd.url, self.pool))
+        self.client = DockerClient(reactor, self.agent, pool=self.pool)
+
+
+@pytest_twisted.async_yield_fixture
+async def engine(clean_dockerd: Dockerd) -> AsyncIterator[Engine]:
+    e = Engine(clean_dockerd)
+    yield e
+    await e.client.close()
+
+
+def reconciler(engine: Engine, reports: list[RoundReport], **kw: Any) -> Reconciler:
+    return Reconciler(reactor, engine.client, kill_timeout=5, observers=[reports.append], **kw)
+
+
+def update(pattern: str) -> Update:
+    name, _, tag = pattern.rpartition(":") if pattern.rfind(":") > pattern.rfind("/") else (
+        pattern, "", "")
+    host, _, repo = name.partition("/")
+    return Update(repository=repo, registry=host, tag=tag or None, source="test",
+                  received=reactor.seconds())
+
+
+@pytest_twisted.ensureDeferred
+async def test_supervised_container_ends_up_on_the_new_image(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+    supervisor_factory: Callable[..., Any],
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    v1 = image_builder.publish(ref, "v1")
+    await clean_dockerd.acli("pull", ref)
+    supervisor = supervisor_factory(unique("c"), ref)
+    first = await supervisor.wait_running_image(v1.image_id)
+
+    v2 = image_builder.publish(ref, "v2")
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    r.request(update(ref))
+    await r.wait_idle()
+
+    assert [s.name for s in reports[-1].stopped] == [supervisor.name]
+    assert reports[-1].pulled == {ref: v2.image_id}
+    second = await supervisor.wait_running_image(v2.image_id)
+    assert second != first
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_tag_of_a_repository_is_pulled(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+) -> None:
+    repo = unique("app")
+    qa, prod, other = (image_builder.ref(repo, "qa"), image_builder.ref(repo, "prod"),
+                       image_builder.ref(unique("other"), "qa"))
+    for ref in (qa, prod, other):
+        image_builder.publish(ref, "v1")
+        await clean_dockerd.acli("pull", ref)
+    new_qa = image_builder.publish(qa, "v2")
+    new_prod = image_builder.publish(prod, "v2")
+    image_builder.publish(other, "v2")
+
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    r.request(update(f"{image_builder.registry.host}/{repo}"))
+    await r.wait_idle()
+
+    assert reports[-1].pulled == {qa: new_qa.image_id, prod: new_prod.image_id}
+    pulls = [p for m, p in engine.agent.calls if p == "images/create"]
+    assert len(pulls) == 2  # not the other repository
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_pull_stops_nothing(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    v1 = image_builder.publish(ref, "v1")
+    await clean_dockerd.acli("pull", ref)
+    container = run_container(clean_dockerd, ref, unique("c"))
+    image_builder.publish(ref, "v2")
+    image_builder.registry.break_layers(repo, "qa")
+
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    r.request(update(ref))
+    await r.wait_idle()
+
+    report = reports[-1]
+    assert ref in report.failed
+    assert report.stopped == ()
+    state = clean_dockerd.inspect(container)
+    assert state is not None and state["State"]["Running"]
+    assert state["Image"] == v1.image_id
+    assert clean_dockerd.image_id(ref) == v1.image_id
+    assert engine.agent.count("POST", "containers/") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_whose_tag_moved_before_the_round_is_stale(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+) -> None:
+    """The container list then shows an image id; the container's own config names the tag."""
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    image_builder.publish(ref, "v1")
+    await clean_dockerd.acli("pull", ref)
+    container = run_container(clean_dockerd, ref, unique("c"))
+    v2 = image_builder.publish(ref, "v2")
+    await clean_dockerd.acli("pull", ref)  # the tag moves outside deployer
+    listed = json.loads(clean_dockerd.api("GET", "/containers/json")[1])
+    assert any(c["Id"] == container and c["Image"] != ref for c in listed)
+
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    r.request(update(ref))
+    await r.wait_idle()
+
+    assert [s.id for s in reports[-1].stopped] == [container]
+    assert reports[-1].stopped[0].new_image == v2.image_id
+    state = clean_dockerd.inspect(container)
+    assert state is not None and not state["State"]["Running"]
+
+
+async def _round_calls(engine: Engine, dockerd: Dockerd, builder: ImageBuilder,
+                       count: int) -> tuple[dict[tuple[str, str], int], int]:
+    repo = unique("app")
+    ref = builder.ref(repo, "qa")
+    builder.publish(ref, "v1")
+    await dockerd.acli("pull", ref)
+    for _ in range(count):
+        run_container(dockerd, ref)
+    builder.publish(ref, "v2")
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    await engine.client.version()
+    engine.agent.reset()
+    r.request(update(ref))
+    await r.wait_idle()
+    stops = engine.agent.count("POST", "containers/")
+    others = {k: v for k, v in engine.agent.summary().items() if k[0] != "POST"
+              or not k[1].startswith("containers/")}
+    assert len(reports[-1].stopped) == count
+    dockerd.remove_all_containers()
+    return others, stops
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_engine_calls_per_round_do_not_grow_with_containers(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+) -> None:
+    few, few_stops = await _round_calls(engine, clean_dockerd, image_builder, 3)
+    many, many_stops = await _round_calls(engine, clean_dockerd, image_builder, 30)
+    assert (few_stops, many_stops) == (3, 30)  # one stop per stale container, nothing else
+    assert few == many
+    assert few == {("GET", "images/json"): 2, ("GET", "containers/json"): 1,
+                   ("POST", "images/create"): 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_requests_during_a_round_costs_one_more_pull(
+    engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    image_builder.publish(ref, "v1")
+    await clean_dockerd.acli("pull", ref)
+    v2 = image_builder.publish(ref, "v2")
+    reports: list[RoundReport] = []
+    r = reconciler(engine, reports)
+    for _ in range(100):
+        r.request(update(ref))
+    await r.wait_idle()
+    assert engine.agent.count("POST", "images/create") <= 2
+    assert sum(len(rep.updates) for rep in reports) == 100
+    assert clean_dockerd.image_id(ref) == v2.image_id
