@@ -1,0 +1,99 @@
+"""Prometheus metrics of one daemon, in a registry of its own (never the process-wide default),
+and the ``/metrics`` resource that serves them."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+
+PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Metrics:
+    """Every metric that deployer exports. Label values are small fixed sets (endpoint names,
+    HTTP statuses, update sources, ``ok``/``error``), never repository names."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, process: bool = True
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
+        if process:
+            ProcessCollector(namespace="deployer", registry=self.registry)
+        r = self.registry
+        self.webhooks = Counter(
+            "deployer_webhooks",
+            "Webhook requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.webhook_auth_failures = Counter(
+            "deployer_webhook_auth_failures",
+            "Webhook requests refused for missing or invalid credentials.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.updates_accepted = Counter(
+            "deployer_updates_accepted",
+            "Updates accepted from webhooks, by source (dockerhub, registry, api, ...).",
+            ["source"],
+            registry=r,
+        )
+        self.pulls = Counter(
+            "deployer_pulls", "Image pulls, by result (ok, error).", ["result"], registry=r
+        )
+        self.pull_duration = Histogram(
+            "deployer_pull_duration_seconds",
+            "Time taken by one image pull.",
+            buckets=PULL_BUCKETS,
+            registry=r,
+        )
+        self.containers_stopped = Counter(
+            "deployer_containers_stopped",
+            "Containers stopped because their image was outdated.",
+            registry=r,
+        )
+        self.rounds = Counter(
+            "deployer_rounds",
+            "Deployment rounds (pull then stop), by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
+        self.etcd_watch_reconnects = Counter(
+            "deployer_etcd_watch_reconnects",
+            "Times the etcd watch had to be set up again.",
+            registry=r,
+        )
+        self.watch_live = Gauge(
+            "deployer_watch_live",
+            "1 while the etcd watch is established, else 0.",
+            registry=r,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsResource(Resource):
+    """``GET /metrics``: the Prometheus text format of one :class:`Metrics`."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: IRequest) -> bytes:
+        body, content_type = self.metrics.render()
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
