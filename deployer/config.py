@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from deployer.auth import load_token
 from deployer.dockercfg import Credentials, load_credentials
 from deployer.errors import ConfigError
 
@@ -116,10 +117,7 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     if not docker.startswith(("unix://", "tcp://", "http://")):
         raise ConfigError(f"--docker {docker!r}: use unix:///path/to/docker.sock or tcp://host:port")
 
-    token = _secret(
-        opts.get("webhook_token"), opts.get("webhook_token_file"),
-        environ.get("DEPLOYER_WEBHOOK_TOKEN"), "webhook_token",
-    )
+    token = load_token(opts.get("webhook_token"), opts.get("webhook_token_file"), environ)
     insecure = bool(opts.get("insecure_webhooks"))
     if not token and not insecure:
         raise ConfigError(TOKEN_HELP)

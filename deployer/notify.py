@@ -336,15 +336,23 @@ class SlackNotifier:
 # -- a JSON webhook -------------------------------------------------------------------------------
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _mapping(values: Mapping[str, str]) -> dict[str, str]:
+    return dict(values)
+
+
 @attrs.frozen
 class DeployReport:
     """What one deployment round did on one host, as sent to the notifiers."""
 
     host: str
     pattern: str
-    stopped: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    images: Mapping[str, str] = attrs.field(factory=dict, converter=dict, hash=False)
-    failures: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    stopped: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    images: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping, hash=False)
+    failures: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     source: str | None = None
 
     def as_json(self) -> dict[str, Any]:

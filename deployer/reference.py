@@ -17,11 +17,11 @@ _DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _PATH = rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
 
-DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
-PATH_RE = re.compile(rf"^{_PATH}$")
-TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$", re.ASCII)
+DOMAIN_RE = re.compile(rf"^{_DOMAIN}\Z")
+PATH_RE = re.compile(rf"^{_PATH}\Z")
+TAG_RE = re.compile(r"^[\w][\w.-]{0,127}\Z", re.ASCII)
 DIGEST_RE = re.compile(
-    r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}$"
+    r"^[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}\Z"
 )
 NAME_TOTAL_LENGTH_MAX = 255
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from treq.client import HTTPClient
@@ -17,8 +18,12 @@ from twisted.web.server import Site
 
 from deployer.docker import DockerClient
 from deployer.errors import DockerError
+from deployer.metrics import Metrics
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport
+
+if TYPE_CHECKING:
+    from deployer.notify import DeployReport
 
 log = Logger()
 
@@ -88,7 +93,6 @@ async def _maybe(result: Any) -> None:
 
 def make_service(config: Any, reactor: Any) -> MultiService:
     from deployer.auth import TokenAuth
-    from deployer.metrics import Metrics
     from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
     from deployer.webhook import WebhookApp
 
@@ -99,24 +103,21 @@ def make_service(config: Any, reactor: Any) -> MultiService:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory.noisy = False
     http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
-    notifiers = []
-    if config.slack_webhook_url:
-        notifiers.append(SlackNotifier(http, reactor, config.slack_webhook_url,
-                                       config.slack_username))
-    if config.notify_url:
-        notifiers.append(WebhookNotifier(http, reactor, config.notify_url))
-    fanout = Notifiers(notifiers)
+    notifiers = Notifiers(
+        slack=SlackNotifier(http, reactor, config.slack_webhook_url, config.slack_username)
+        if config.slack_webhook_url else None,
+        webhook=WebhookNotifier(http, reactor, config.notify_url) if config.notify_url else None,
+    )
 
     def notify(report: RoundReport) -> None:
-        if report.stopped or report.failed:
-            fanout.deployed(round_report(config.hostname, report))
+        notifiers.deployed(deploy_report(config.hostname, report))
 
     reconciler = Reconciler(
         reactor,
         docker,
         kill_timeout=config.kill_timeout,
         max_pulls=config.max_threads,
-        observers=[metrics.observe_round, notify],
+        observers=[partial(count_round, metrics), notify],
     )
 
     closers: list[Any] = [docker.close, pool.closeCachedConnections]
@@ -170,19 +171,26 @@ def make_service(config: Any, reactor: Any) -> MultiService:
     return top
 
 
-def round_report(hostname: str, report: RoundReport) -> dict[str, Any]:
-    """The JSON that notifications carry: what was deployed where."""
-    return {
-        "host": hostname,
-        "patterns": list(report.patterns),
-        "pulled": dict(report.pulled),
-        "failed": dict(report.failed),
-        "stopped": [
-            {"name": s.name, "id": s.id, "image": s.repotag, "old_image_id": s.old_image,
-             "new_image_id": s.new_image}
-            for s in report.stopped
-        ],
-        "errors": list(report.errors),
-        "started": report.started,
-        "finished": report.finished,
-    }
+def deploy_report(hostname: str, report: RoundReport) -> DeployReport:
+    """What notifications carry: what was deployed where."""
+    from deployer.notify import DeployReport
+
+    return DeployReport(
+        host=hostname,
+        pattern=", ".join(report.patterns),
+        stopped=tuple(s.name for s in report.stopped),
+        images=dict(report.pulled),
+        failures=tuple(f"{tag}: {why}" for tag, why in sorted(report.failed.items()))
+        + report.errors,
+        source=", ".join(sorted({u.source for u in report.updates})),
+    )
+
+
+def count_round(metrics: Metrics, report: RoundReport) -> None:
+    for seconds in report.pull_seconds.values():
+        metrics.pulls.labels(result="ok").inc()
+        metrics.pull_duration.observe(seconds)
+    if report.failed:
+        metrics.pulls.labels(result="error").inc(len(report.failed))
+    metrics.containers_stopped.inc(len(report.stopped))
+    metrics.rounds.labels(result="ok" if report.ok else "error").inc()

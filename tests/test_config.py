@@ -140,7 +140,7 @@ def test_token_file(tmp_path: Path) -> None:
     f = tmp_path / "token"
     f.write_text("abc123\n")
     assert parse(["--webhook_token_file", str(f)]).webhook_tokens == ("abc123",)
-    with pytest.raises(usage.UsageError, match="webhook_token_file"):
+    with pytest.raises(usage.UsageError, match="cannot read the webhook token file"):
         parse(["--webhook_token_file", str(tmp_path / "missing")])
 
 

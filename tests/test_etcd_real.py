@@ -1,0 +1,390 @@
+"""deployer.etcd against real etcd 3.4 processes (see tests/stack/etcd_stack.py)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
+
+from deployer.errors import EtcdUnavailable
+from deployer.etcd import Etcd, EtcdConfig, WatchService
+from deployer.model import Update
+from tests.stack.etcd_stack import (
+    EtcdCluster,
+    EtcdMember,
+    TCPProxy,
+    current_revision,
+    etcdctl,
+    free_port,
+)
+
+pytestmark = pytest.mark.real
+
+
+class Collector:
+    """The on_update callback of a watch: keeps every update, in order."""
+
+    def __init__(self) -> None:
+        self.updates: list[Update] = []
+
+    def __call__(self, update: Update) -> None:
+        self.updates.append(update)
+
+    def count(self, pattern: str) -> int:
+        return sum(1 for u in self.updates if u.pattern == pattern)
+
+    def counts(self) -> collections.Counter[str]:
+        return collections.Counter(u.pattern for u in self.updates)
+
+
+class Clients:
+    """Etcd instances and watches of one test; all stopped and closed after it."""
+
+    def __init__(self) -> None:
+        self.etcds: list[Etcd] = []
+        self.watches: list[WatchService] = []
+
+    def etcd(self, nodes: tuple[str, ...] | list[str], prefix: str, **config: Any) -> Etcd:
+        config.setdefault("dial_timeout", 2.0)
+        config.setdefault("retry_delay", 0.1)
+        etcd = Etcd(reactor, EtcdConfig(nodes=tuple(nodes), prefix=prefix, **config))
+        self.etcds.append(etcd)
+        return etcd
+
+    def watch(self, etcd: Etcd, on_update: Callable[[Update], object]) -> WatchService:
+        service = etcd.watch(on_update)
+        self.watches.append(service)
+        service.startService()
+        return service
+
+    async def close(self) -> None:
+        for service in self.watches:
+            if service.running:
+                await service.stopService()
+        for etcd in self.etcds:
+            await etcd.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def clients() -> Any:
+    c = Clients()
+    yield c
+    await c.close()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await deferLater(reactor, 0.02)
+        waited += 0.02
+
+
+def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Blocking stack helpers (process start/stop, etcdctl) without blocking the reactor."""
+    return deferToThread(f, *args)
+
+
+def update(repository: str, tag: str | None = None, **kw: Any) -> Update:
+    kw.setdefault("source", "test")
+    kw.setdefault("received", 1700000000.25)
+    return Update(repository=repository, tag=tag, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_is_delivered_to_another_instance(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients
+) -> None:
+    writer = clients.etcd([etcd.client_url], etcd_prefix)
+    reader = clients.etcd([etcd.client_url], etcd_prefix)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live, what="the watch to be live")
+    assert watch.reason == ""
+
+    sent = update("myorg/foo", "qa", registry="127.0.0.1:5000",
+                  digest="sha256:" + "ab" * 32, event_id="ev-1", source="registry")
+    revision = await writer.record(sent)
+    assert revision > 0
+    await wait_for(lambda: len(got.updates) == 1)
+    assert got.updates == [sent]
+    assert watch.revision >= revision
+    assert writer.key_for(sent) == f"{etcd_prefix}/127.0.0.1:5000/myorg/foo:qa"
+    stored = etcdctl(etcd.client_url, "get", writer.key_for(sent), "--print-value-only")
+    assert json.loads(stored)["event_id"] == "ev-1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcdctl_put_deploys_and_del_does_not(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients
+) -> None:
+    reader = clients.etcd([etcd.client_url], etcd_prefix + "/")  # a trailing slash is fine
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+
+    url = etcd.client_url
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/foo", "anything")
+    await wait_for(lambda: len(got.updates) == 1)
+    (foo,) = got.updates
+    assert (foo.repository, foo.registry, foo.tag, foo.source) == ("myorg/foo", None, None, "etcd")
+
+    # None of these deploy anything: a delete, reserved state, an invalid key, a sibling prefix.
+    await in_thread(etcdctl, url, "del", f"{etcd_prefix}/myorg/foo")
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/_/lock/host1", "x")
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/Not A Repo", "x")
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}2/myorg/sibling", "x")
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/marker:v1", "x")
+    await wait_for(lambda: len(got.updates) == 2)
+    assert [u.pattern for u in got.updates] == ["myorg/foo", "myorg/marker:v1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_catch_up_delivers_recorded_keys_once_at_start(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients
+) -> None:
+    writer = clients.etcd([etcd.client_url], etcd_prefix)
+    old_bar = update("myorg/bar", event_id="old")
+    latest = [update("myorg/foo", "qa"), update("*"), update("myorg/bar", event_id="new")]
+    for u in [old_bar, *latest]:
+        await writer.record(u)
+    await in_thread(etcdctl, etcd.client_url, "put", f"{etcd_prefix}/_/status/host1", "up")
+
+    reader = clients.etcd([etcd.client_url], etcd_prefix, strong_consistency=True)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+    assert sorted(got.updates, key=lambda u: u.pattern) == sorted(latest, key=lambda u: u.pattern)
+
+    marker = update("myorg/marker")
+    await writer.record(marker)
+    await wait_for(lambda: len(got.updates) == 4)
+    assert got.updates[-1] == marker
+    assert max(got.counts().values()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_commit_batches_concurrent_writes(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients
+) -> None:
+    writer = clients.etcd([etcd.client_url], etcd_prefix)
+    updates = [update(f"myorg/app{i}", "qa", event_id=str(i)) for i in range(200)]
+    first_dup = update("myorg/dup", event_id="first")
+    last_dup = update("myorg/dup", event_id="last")
+    ds = [writer.record(u) for u in updates]
+    # Both go into the same (second) batch: etcd refuses a key twice in one txn.
+    dup_ds = [writer.record(first_dup), writer.record(last_dup)]
+    revisions = await gatherResults(ds)
+    dup_revisions = await gatherResults(dup_ds)
+
+    # One txn for the first write, then the 201 others in batches of at most 128 ops.
+    assert writer.transactions == 3
+    assert len(set(revisions)) == 3
+    assert max(revisions) - min(revisions) == 2
+    assert dup_revisions[0] == dup_revisions[1]
+
+    _, kvs = await writer.read_all(etcd.client_url)
+    stored = {kv.key: kv for kv in kvs}
+    assert len(stored) == 201
+    for u, rev in zip(updates, revisions, strict=True):
+        assert stored[writer.key_for(u).encode()].mod_revision == rev
+    dup = stored[writer.key_for(last_dup).encode()]
+    assert dup.mod_revision == dup_revisions[0]
+    assert json.loads(dup.value)["event_id"] == "last"
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_through_a_byte_by_byte_proxy_loses_nothing(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients, tcp_proxy: Callable[..., TCPProxy]
+) -> None:
+    proxy = tcp_proxy(etcd.client_url, byte_by_byte=True, pace=0.00005)
+    writer = clients.etcd([etcd.client_url], etcd_prefix)
+    reader = clients.etcd([proxy.url], etcd_prefix)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+
+    sent = [update(f"myorg/app{i}", "qa", event_id=f"ev-{i}") for i in range(20)]
+    for u in sent:
+        await writer.record(u)
+    await wait_for(lambda: len(got.updates) >= 20, timeout=20)
+    # A unary answer cut into single bytes too.
+    through_proxy = update("myorg/via-proxy")
+    await reader.record(through_proxy)
+    await wait_for(lambda: len(got.updates) >= 21)
+    assert got.updates == [*sent, through_proxy]
+    assert watch.reconnects == 0
+    assert proxy.bytes_down > 20 * 300
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_during_an_outage_causes_a_full_resync(
+    etcd_cluster: Callable[..., EtcdCluster],
+    etcd_prefix: str,
+    clients: Clients,
+    tcp_proxy: Callable[..., TCPProxy],
+) -> None:
+    (member,) = (await in_thread(etcd_cluster, 1)).members
+    proxy = tcp_proxy(member.client_url, byte_by_byte=False)
+    writer = clients.etcd([member.client_url], etcd_prefix)
+    reader = clients.etcd([proxy.url], etcd_prefix, retry_delay=0.05)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+    a, b, c = update("myorg/a"), update("myorg/b"), update("myorg/c")
+    for u in (a, b, c):
+        await writer.record(u)
+    await wait_for(lambda: len(got.updates) == 3)
+    seen = watch.revision
+
+    proxy.block()
+    await wait_for(lambda: not watch.live, what="the watch to notice the cut")
+    a2, c2 = update("myorg/a", event_id="a2"), update("myorg/c", event_id="c2")
+    d1, d2 = update("myorg/d", event_id="d1"), update("myorg/d", event_id="d2")
+    for u in (a2, d1, d2):
+        await writer.record(u)
+    revision = await writer.record(c2)
+    await in_thread(etcdctl, member.client_url, "compact", str(revision))
+    assert revision > seen + 1
+
+    del got.updates[:]
+    proxy.unblock()
+    await wait_for(lambda: watch.live and watch.resyncs == 1, what="a resync")
+    assert sorted(got.updates, key=lambda u: u.pattern) == [a2, b, c2, d2]
+
+    e = update("myorg/e")
+    await writer.record(e)
+    await wait_for(lambda: len(got.updates) == 5)
+    assert got.updates[-1] == e
+    assert watch.resyncs == 1
+
+
+def _leader_first_follower(cluster: EtcdCluster) -> tuple[int, int]:
+    status = json.loads(etcdctl(cluster.urls, "endpoint", "status", "-w", "json"))
+    leader_id = status[0]["Status"]["leader"]
+    by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
+    ids = [by_url[url] for url in cluster.urls]
+    leader = ids.index(leader_id)
+    follower = next(i for i in range(len(ids)) if i != leader)
+    return leader, follower
+
+
+@pytest_twisted.ensureDeferred
+async def test_cluster_member_in_use_dies(
+    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
+) -> None:
+    cluster = await in_thread(etcd_cluster, 3)
+    leader, follower = await in_thread(_leader_first_follower, cluster)
+    other = 3 - leader - follower
+    # The member in use is a follower, so the survivors keep their leader and the write right
+    # after the kill needs no election.
+    order = [cluster.urls[follower], cluster.urls[leader], cluster.urls[other]]
+    writer = clients.etcd(order, etcd_prefix)
+    # The watch waits 0.5-1 s before it moves, so that u2 below is written while it is down.
+    reader = clients.etcd(order, etcd_prefix, retry_delay=1.0)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+
+    states: list[bool] = []
+    sampler = LoopingCall(lambda: states.append(watch.live))
+    sampler.clock = reactor
+    sampler.start(0.005)
+    try:
+        u1 = update("myorg/one")
+        await writer.record(u1)
+        await wait_for(lambda: len(got.updates) == 1)
+        assert reader.members.current == writer.members.current == 0
+
+        await in_thread(cluster.members[follower].stop, signal.SIGKILL)
+        u2 = update("myorg/two")
+        revision = await writer.record(u2)  # written while the watch moves
+        assert writer.members.current == 1
+        assert not watch.live
+        await wait_for(lambda: len(got.updates) == 2, what="the write made during the move")
+        assert got.updates == [u1, u2]
+        assert watch.live
+        assert watch.revision >= revision
+        assert reader.members.current == 1
+        assert watch.reconnects >= 1
+    finally:
+        sampler.stop()
+    assert False in states and states[-1] is True
+    assert states.index(False) > 0  # it was live, went down, came back
+
+    u3 = update("myorg/three")
+    await writer.record(u3)
+    await wait_for(lambda: len(got.updates) == 3)
+    assert got.updates == [u1, u2, u3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_member_restart_while_watch_backs_off(
+    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
+) -> None:
+    (member,) = (await in_thread(etcd_cluster, 1)).members
+    reader = clients.etcd([member.client_url], etcd_prefix, retry_delay=0.5)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+    await in_thread(etcdctl, member.client_url, "put", f"{etcd_prefix}/myorg/before", "x")
+    await wait_for(lambda: len(got.updates) == 1)
+
+    await in_thread(member.stop, signal.SIGTERM)
+    # Two failed retries: the next backoff is 1-2 s, longer than a restart takes.
+    await wait_for(lambda: not watch.live and watch.reconnects >= 2, what="two failed retries")
+    await in_thread(member.start)
+    await in_thread(member.wait_ready)
+    await in_thread(etcdctl, member.client_url, "put", f"{etcd_prefix}/myorg/after", "x")
+    assert not watch.live, "the watch reconnected before the write; the test proves nothing"
+
+    await wait_for(lambda: len(got.updates) == 2, what="the write made during the backoff")
+    assert watch.live
+    await in_thread(etcdctl, member.client_url, "put", f"{etcd_prefix}/myorg/marker", "x")
+    await wait_for(lambda: len(got.updates) == 3)
+    assert [u.pattern for u in got.updates] == ["myorg/before", "myorg/after", "myorg/marker"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_progress_notifications_advance_the_resume_revision(
+    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
+) -> None:
+    interval = ["--experimental-watch-progress-notify-interval", "200ms"]
+    (member,) = (await in_thread(etcd_cluster, 1, True, interval)).members
+    url = member.client_url
+    reader = clients.etcd([url], etcd_prefix)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+    for i in range(3):
+        await in_thread(etcdctl, url, "put", f"/elsewhere/{i}", "x")
+    revision = await in_thread(current_revision, url)
+    assert watch.revision < revision
+    await wait_for(lambda: watch.revision >= revision, timeout=5, what="a progress notification")
+    assert got.updates == []
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/foo", "x")
+    await wait_for(lambda: len(got.updates) == 1)
+    assert watch.revision == revision + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_record_fails_when_no_member_answers(etcd_prefix: str, clients: Clients) -> None:
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    writer = clients.etcd(dead, etcd_prefix, dial_timeout=1.0)
+    results = await DeferredList([writer.record(update("myorg/foo"))], consumeErrors=True)
+    ((ok, failure),) = results
+    assert not ok
+    assert failure.check(EtcdUnavailable)
+    message = str(failure.value)
+    assert dead[0] in message and dead[1] in message
+    assert "refused" in message.lower()
