@@ -1,0 +1,166 @@
+"""The daemon as users run it (``twist deployer``), standalone, on a real dockerd and registry."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.stack.daemon import Daemon
+from tests.stack.docker_stack import Dockerd, ImageBuilder, run_container, unique
+
+pytestmark = pytest.mark.real
+
+
+def dockerhub_payload(repo_name: str, tag: str, callback_url: str | None = None) -> dict[str, Any]:
+    sample = json.loads(
+        (Path(__file__).parent / "samples" / "dockerhub-webhook.json").read_text()
+    )
+    sample["repository"]["repo_name"] = repo_name
+    sample["push_data"]["tag"] = tag
+    if callback_url is None:
+        sample.pop("callback_url", None)
+    else:
+        sample["callback_url"] = callback_url
+    return sample
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(*args: str, healthy: bool = True, **kw: Any) -> Daemon:
+        d = Daemon(tmp_path, args, **kw)
+        started.append(d)
+        return d.start(healthy=healthy)
+
+    yield start
+    for d in started:
+        code = d.stop()
+        log = d.log()
+        assert "Traceback" not in log, log
+        # twist re-raises SIGTERM on itself after a clean shutdown
+        assert code in (0, -signal.SIGTERM), f"deployer exited with {code}:\n{log[-3000:]}"
+        assert "Main loop terminated" in log
+
+
+def test_webhook_deploys_the_new_image_to_the_supervised_container(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder,
+    supervisor_factory: Callable[..., Any], daemon_factory: Callable[..., Daemon],
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    v1 = image_builder.publish(ref, "v1")
+    clean_dockerd.cli("pull", ref)
+    supervisor = supervisor_factory(unique("c"), ref)
+    supervisor.wait_running_image_blocking(v1.image_id)
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0")
+
+    v2 = image_builder.publish(ref, "v2")
+    status, body = daemon.post_json(
+        "/api/dockerhub/webhook",
+        dockerhub_payload(f"{image_builder.registry.host}/{repo}", "qa"),
+    )
+    assert status == 202, body
+    assert body["status"] == "accepted"
+    supervisor.wait_running_image_blocking(v2.image_id, timeout=30)
+    assert clean_dockerd.image_id(ref) == v2.image_id
+    assert "stopped" in daemon.log()
+
+
+def test_refused_webhooks_change_nothing(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder, daemon_factory: Callable[..., Daemon],
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    v1 = image_builder.publish(ref, "v1")
+    clean_dockerd.cli("pull", ref)
+    container = run_container(clean_dockerd, ref, unique("c"))
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0")
+    image_builder.publish(ref, "v2")
+    payload = dockerhub_payload(f"{image_builder.registry.host}/{repo}", "qa")
+
+    status, body = daemon.post_json("/api/dockerhub/webhook", payload, auth=False)
+    assert status == 401 and "error" in body
+    status, body = daemon.post_json("/api/dockerhub/webhook", payload,
+                                    headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and "error" in body
+    status, body = daemon.request("POST", "/api/dockerhub/webhook", b"{not json")
+    assert status == 400 and "JSON" in body["error"]
+    status, body = daemon.post_json("/api/dockerhub/webhook", {"repository": {}})
+    assert status == 400 and "repo_name" in body["error"]
+
+    time.sleep(1.0)  # a round, had one been started, would have pulled by now
+    assert clean_dockerd.image_id(ref) == v1.image_id
+    state = clean_dockerd.inspect(container)
+    assert state is not None and state["State"]["Running"]
+    assert daemon.get("/healthz")[0] == 200
+
+
+def test_token_in_query_string(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder, daemon_factory: Callable[..., Daemon],
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    image_builder.publish(ref, "v1")
+    clean_dockerd.cli("pull", ref)
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0")
+    v2 = image_builder.publish(ref, "v2")
+    status, _ = daemon.post_json(
+        f"/api/dockerhub/webhook?token={daemon.token}",
+        dockerhub_payload(f"{image_builder.registry.host}/{repo}", "qa"), auth=False,
+    )
+    assert status == 202
+    deadline = time.monotonic() + 20
+    while clean_dockerd.image_id(ref) != v2.image_id and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert clean_dockerd.image_id(ref) == v2.image_id
+
+
+def test_healthz_reports_an_unreachable_engine(
+    tmp_path: Path, daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory("--docker", f"unix://{tmp_path}/missing.sock", "--repull_period",
+                            "0", healthy=False)
+    status, body = daemon.get("/healthz")
+    assert status == 503
+    assert "docker" in body["error"]
+
+
+def test_repull_at_start_updates_everything(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder, daemon_factory: Callable[..., Daemon],
+) -> None:
+    repo = unique("app")
+    ref = image_builder.ref(repo, "qa")
+    image_builder.publish(ref, "v1")
+    clean_dockerd.cli("pull", ref)
+    container = run_container(clean_dockerd, ref, unique("c"))
+    v2 = image_builder.publish(ref, "v2")
+    daemon_factory("--docker", clean_dockerd.url, "--repull_period", "1h")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = clean_dockerd.inspect(container)
+        if state is not None and not state["State"]["Running"]:
+            break
+        time.sleep(0.1)
+    assert clean_dockerd.image_id(ref) == v2.image_id
+    state = clean_dockerd.inspect(container)
+    assert state is not None and not state["State"]["Running"]
+
+
+def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "twisted", "deployer", "--listen", "127.0.0.1:0"],
+        capture_output=True, timeout=60, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode != 0
+    assert b"DEPLOYER_WEBHOOK_TOKEN" in done.stdout + done.stderr
