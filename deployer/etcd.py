@@ -662,6 +662,7 @@ class WatchService(Service):
         self.reason = "not started"
         self.reconnects = 0
         self.resyncs = 0
+        self.on_reconnect: Callable[[], object] = lambda: None
 
     def startService(self) -> None:
         super().startService()
@@ -732,6 +733,7 @@ class WatchService(Service):
             )
             await deferLater(self._etcd.reactor, delay)
             self.reconnects += 1
+            self.on_reconnect()
 
     async def _read_all(self, url: str) -> None:
         revision, kvs = await self._etcd.read_all(url)

@@ -140,6 +140,9 @@ def make_service(config: Any, reactor: Any) -> MultiService:
         )
         sink = EtcdSink(etcd)
         watch = etcd.watch(reconciler.request)
+        watch.on_reconnect = metrics.etcd_watch_reconnects.inc
+        live = watch
+        metrics.watch_live.set_function(lambda: 1.0 if live.live else 0.0)
         watch.setServiceParent(top)
         closers.append(etcd.close)
         context = "etcd=" + ",".join(config.etcd_nodes)
