@@ -56,15 +56,23 @@ So this module keeps txaioetcd's value types and marshalling (:class:`~txaioetcd
 :class:`treq.client.HTTPClient` over its own ``Agent`` and ``HTTPConnectionPool`` against
 ``/v3/...``, member failover, and :class:`JSONLinesReader`, a watch stream reader that buffers
 partial lines.
+
+Only txaioetcd's ``_types`` module is loaded (:func:`_txaioetcd_types`): the package's
+``__init__`` also imports its LMDB database layer (zlmdb, which brings numpy), about 15 MB of
+resident memory that this daemon never uses.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import random
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from treq import content
@@ -99,12 +107,38 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
-from txaioetcd import Error, Header, KeySet, KeyValue, OpSet, Range, Transaction
 from zope.interface import implementer
 
 from deployer.errors import EtcdUnavailable
 from deployer.model import Update
 from deployer.reference import InvalidReference, check_digest, parse_reference
+
+
+def _txaioetcd_types() -> ModuleType:
+    """``txaioetcd._types``, without running the package's ``__init__`` (see the module
+    docstring); the package's own module when something else imported it already."""
+    loaded = sys.modules.get("txaioetcd._types")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("txaioetcd")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("txaioetcd is not installed")
+    path = os.path.join(next(iter(package.submodule_search_locations)), "_types.py")
+    spec = importlib.util.spec_from_file_location("deployer._txaioetcd_types", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
+
+if TYPE_CHECKING:
+    from txaioetcd import Error, Header, KeySet, KeyValue, OpSet, Range, Transaction
+else:
+    _types = _txaioetcd_types()
+    Error, Header, KeySet, KeyValue = _types.Error, _types.Header, _types.KeySet, _types.KeyValue
+    OpSet, Range, Transaction = _types.OpSet, _types.Range, _types.Transaction
 
 _T = TypeVar("_T")
 

@@ -36,7 +36,6 @@ class LocalSink:
 
     async def accept(self, updates: Sequence[Update]) -> str:
         for update in updates:
-            log.info("accepted update {update}", update=update.describe())
             self.reconciler.request(update)
         return "Queued " + ", ".join(u.pattern for u in updates)
 
@@ -94,7 +93,7 @@ async def _maybe(result: Any) -> None:
 def make_service(config: Any, reactor: Any) -> MultiService:
     from deployer.auth import TokenAuth
     from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
-    from deployer.webhook import WebhookApp
+    from deployer.webhook import LimitedRequest, WebhookApp, access_log_formatter
 
     top = MultiService()
     metrics = Metrics()
@@ -157,8 +156,10 @@ def make_service(config: Any, reactor: Any) -> MultiService:
         public_url=config.public_url,
         context=context,
         metrics=metrics,
+        github_secret=config.github_secret.encode() if config.github_secret else None,
     )
-    site = Site(app.resource())
+    site = Site(app.resource(), logFormatter=access_log_formatter)
+    site.requestFactory = LimitedRequest
     site.noisy = False
     strports.service(config.listen, site).setServiceParent(top)
 

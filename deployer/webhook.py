@@ -1,15 +1,30 @@
 """The HTTP front door: webhooks in, health and metrics out (Klein).
 
-Every endpoint turns its payload into :class:`deployer.model.Update` values and hands them to a
-:class:`Sink`: this host's reconciler (standalone) or etcd (a fleet). Errors are typed
-(:class:`BadWebhook`, :class:`EtcdUnavailable`) and turned into JSON answers in one place,
-:meth:`WebhookApp._error`.
+Every webhook endpoint turns its payload into :class:`deployer.model.Update` values
+(:mod:`deployer.formats`) and hands them to a :class:`Sink`: this host's reconciler
+(standalone) or etcd (a fleet). Errors are typed (:class:`BadWebhook`, :class:`EtcdUnavailable`)
+and become JSON answers in one place (:meth:`WebhookApp._bad_webhook` and its neighbours).
+
+Endpoints (all ``POST`` but health and metrics):
+
+=============================  ==================================================  ========
+path                           payload                                             answer
+=============================  ==================================================  ========
+``--webhook_path``             Docker Hub (``repository.repo_name``, ...)         202
+``/api/registry/events``       Docker Distribution notifications (envelope)        200
+``/api/deploy``                ``{"repository", "tag", "digest"}`` (CI, scripts)    202
+``/api/quay/events``           Quay repository push                                202
+``/api/harbor/events``         Harbor ``PUSH_ARTIFACT`` / ``pushImage``            202
+``/api/github/events``         GitHub ``registry_package`` / ``package``           202
+``GET /healthz``               engine (and etcd watch) health                      200/503
+``GET /metrics``               Prometheus text format                              200
+=============================  ==================================================  ========
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -18,23 +33,42 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from deployer.auth import peer, verify_github_signature
 from deployer.errors import BadWebhook, EtcdUnavailable, Unauthorized
+from deployer.formats import (
+    JSON_CONTENT_TYPES,
+    REGISTRY_CONTENT_TYPES,
+    SeenEvents,
+    check_content_type,
+    decode_json,
+    parse_dockerhub,
+    parse_generic,
+    parse_github,
+    parse_harbor,
+    parse_quay,
+    parse_registry_events,
+)
+from deployer.metrics import Metrics
 from deployer.model import Update
 
 log = Logger()
 
-JSON_TYPES = frozenset({"application/json"})
+MAX_BODY = 1024 * 1024
+#: Harbor gives up on a webhook after 3 s; answer before that even if etcd is slow.
+HARBOR_ANSWER_WITHIN = 2.5
 
 
 class Sink(Protocol):
-    """Where accepted updates go. ``accept`` fires once they are safely recorded."""
+    """Where accepted updates go. ``accept`` fires once they are safely recorded, with a short
+    description of where they went (for the Docker Hub callback)."""
 
-    def accept(self, updates: Sequence[Update]) -> Awaitable[str]:
-        """Returns a short description of where they went (for the Docker Hub callback)."""
-        ...
+    def accept(self, updates: Sequence[Update]) -> Awaitable[str]: ...
 
 
 class HealthCheck(Protocol):
@@ -84,53 +118,154 @@ class WebhookApp:
     webhook_path: str = "/api/dockerhub/webhook"
     public_url: str | None = None
     context: str = ""
-    metrics: Any = None
-    max_body: int = 1024 * 1024
+    metrics: Metrics = attrs.field(factory=lambda: Metrics(process=False))
+    github_secret: bytes | None = None
+    seen: SeenEvents = attrs.field(factory=SeenEvents)
     app: Klein = attrs.field(init=False, factory=Klein)
 
     def __attrs_post_init__(self) -> None:
         route = self.app.route
         route(self.webhook_path, methods=["POST"], branch=False)(self.dockerhub)
+        route("/api/registry/events", methods=["POST"])(self.registry)
+        route("/api/deploy", methods=["POST"])(self.generic)
+        route("/api/quay/events", methods=["POST"])(self.quay)
+        route("/api/harbor/events", methods=["POST"])(self.harbor)
+        route("/api/github/events", methods=["POST"])(self.github)
         route("/healthz", methods=["GET", "HEAD"])(self.healthz)
+        route("/metrics", methods=["GET", "HEAD"])(self.prometheus)
         self.app.handle_errors(BadWebhook)(self._bad_webhook)
         self.app.handle_errors(EtcdUnavailable)(self._unavailable)
+        self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
+        self.app.handle_errors(NotFound)(self._not_found)
+        self.app.handle_errors(Exception)(self._unexpected)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        resource: IResource = self.app.resource()
+        return resource
 
-    # -- error mapping (the one place) ------------------------------------------------------
+    # -- errors: the one place where they become answers --------------------------------------
 
     def _bad_webhook(self, request: IRequest, failure: Failure) -> bytes:
-        error: BadWebhook = failure.value
+        error = failure.value
+        assert isinstance(error, BadWebhook)
         if isinstance(error, Unauthorized):
-            log.warn("refused webhook from {peer}: {reason}", peer=_peer(request),
-                     reason=error.reason)
+            self.metrics.webhook_auth_failures.labels(endpoint=_endpoint(request)).inc()
+            log.warn("refused webhook to {path} from {peer}: {reason}", path=_path(request),
+                     peer=peer(request), reason=error.reason)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="deployer"')
         else:
-            log.info("bad webhook from {peer}: {reason}", peer=_peer(request), reason=error.reason)
+            log.info("bad webhook to {path} from {peer}: {reason}", path=_path(request),
+                     peer=peer(request), reason=error.reason)
         return json_body(request, error.code, {"error": error.reason})
 
     def _unavailable(self, request: IRequest, failure: Failure) -> bytes:
-        log.error("cannot record webhook: {error}", error=str(failure.value))
+        log.error("cannot record webhook to {path}: {error}", path=_path(request),
+                  error=str(failure.value))
         return json_body(request, 503, {"error": str(failure.value)})
 
-    # -- routes -------------------------------------------------------------------------------
+    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        allowed = getattr(error, "valid_methods", None) or []
+        request.setHeader(b"Allow", ", ".join(allowed).encode())
+        method = request.method.decode("ascii", "replace")
+        return json_body(request, 405, {"error": f"method {method} not allowed here; use "
+                                        + (" or ".join(allowed) or "another")})
+
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return json_body(request, 404, {"error": f"no such endpoint: {_path(request)}"})
+
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("webhook to {path} failed unexpectedly", failure, path=_path(request))
+        return json_body(request, 500, {"error": "internal error; see the daemon's log"})
+
+    # -- webhook endpoints ----------------------------------------------------------------------
 
     async def dockerhub(self, request: IRequest) -> bytes:
         """Docker Hub: ``repository.repo_name``, ``push_data.tag``, ``callback_url``."""
-        from deployer.formats import check_content_type, decode_json, parse_dockerhub
-
-        self._authenticate(request)
-        check_content_type(request.getHeader(b"content-type"), set(JSON_TYPES))
-        hook = parse_dockerhub(decode_json(self._read(request)), self.clock.seconds())
+        self._start(request, "dockerhub")
+        body = self._json_body(request, JSON_TYPES)
+        hook = parse_dockerhub(body, self.clock.seconds())
         try:
-            where = await self.sink.accept([hook.update])
+            where = await self._accept([hook.update])
         except EtcdUnavailable as e:
             self._callback(hook.callback_url, "error", f"Could not record the update: {e}")
             raise
         self._callback(hook.callback_url, "success", where)
-        return json_body(
-            request, 202, {"status": "accepted", "updates": describe_updates([hook.update])}
+        return json_body(request, 202, _accepted([hook.update]))
+
+    async def registry(self, request: IRequest) -> bytes:
+        """Docker Distribution notifications. Answer 200 quickly, whatever the envelope holds
+        that matters; each event id is acted on once (the registry retries and reorders)."""
+        self._start(request, "registry")
+        body = self._json_body(request, REGISTRY_CONTENT_TYPES)
+        updates = parse_registry_events(body, self.clock.seconds())
+        fresh = [u for u in updates if u.event_id is None or u.event_id not in self.seen]
+        if fresh:
+            await self._accept(fresh)
+            for update in fresh:
+                if update.event_id is not None:
+                    self.seen.first_time(update.event_id)
+        return json_body(request, 200, {
+            **_accepted(fresh),
+            "duplicates": len(updates) - len(fresh),
+        })
+
+    async def generic(self, request: IRequest) -> bytes:
+        """``{"repository": "[host/]repo", "tag": "...", "digest": "..."}`` from CI jobs."""
+        self._start(request, "deploy")
+        update = parse_generic(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        await self._accept([update])
+        return json_body(request, 202, _accepted([update]))
+
+    async def quay(self, request: IRequest) -> bytes:
+        self._start(request, "quay")
+        updates = parse_quay(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        if updates:
+            await self._accept(updates)
+        return json_body(request, 202, _accepted(updates))
+
+    async def harbor(self, request: IRequest) -> bytes:
+        """Harbor gives up after 3 s: answer within :data:`HARBOR_ANSWER_WITHIN` even while the
+        write still waits for etcd (it goes on, and a failure is logged)."""
+        self._start(request, "harbor")
+        updates = parse_harbor(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        if not updates:
+            return json_body(request, 202, _accepted(updates))
+        accepted = Deferred.fromCoroutine(self._accept(updates))
+        done, result = await _within(self.clock, accepted, HARBOR_ANSWER_WITHIN)
+        if not done:
+            accepted.addErrback(
+                lambda f: log.failure("harbor update {updates} was not recorded", f,
+                                      updates=[u.pattern for u in updates])
+            )
+            return json_body(request, 202, {**_accepted(updates), "status": "pending"})
+        if isinstance(result, Failure):
+            result.raiseException()
+        return json_body(request, 202, _accepted(updates))
+
+    async def github(self, request: IRequest) -> bytes:
+        """GitHub package events, signed with ``X-Hub-Signature-256`` (no token needed)."""
+        self._start(request, "github", authenticate=False)
+        if self.github_secret is None:
+            raise BadWebhook("GitHub webhooks are not enabled here: start the daemon with"
+                             " --github_secret", 404)
+        raw = self._read(request)
+        verify_github_signature(self.github_secret, raw,
+                                request.getHeader(b"x-hub-signature-256"))
+        event = (request.getHeader(b"x-github-event") or b"").decode("ascii", "replace")
+        check_content_type(request.getHeader(b"content-type"), JSON_TYPES)
+        if event == "ping":
+            return json_body(request, 200, {"status": "pong"})
+        delivery = request.getHeader(b"x-github-delivery")
+        updates = parse_github(
+            decode_json(raw), event, self.clock.seconds(),
+            delivery.decode("ascii", "replace") if delivery else None,
         )
+        if updates:
+            await self._accept(updates)
+        return json_body(request, 202, _accepted(updates))
+
+    # -- health and metrics ---------------------------------------------------------------------
 
     async def healthz(self, request: IRequest) -> bytes:
         reason = await self.health()
@@ -138,36 +273,159 @@ class WebhookApp:
             return json_body(request, 200, {"status": "ok"})
         return json_body(request, 503, {"status": "unavailable", "error": reason})
 
-    # -- helpers ------------------------------------------------------------------------------
+    def prometheus(self, request: IRequest) -> bytes:
+        body, content_type = self.metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
 
-    def _authenticate(self, request: IRequest) -> None:
-        if self.auth is not None:
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _start(self, request: IRequest, endpoint: str, authenticate: bool = True) -> None:
+        """Count the answer once it is sent, and check the caller."""
+        request.deployer_endpoint = endpoint  # type: ignore[attr-defined]
+
+        def count(_: object) -> None:
+            code = getattr(request, "code", 0)
+            self.metrics.webhooks.labels(endpoint=endpoint, status=str(code)).inc()
+
+        finished: Deferred[None] = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addBoth(count)
+        if authenticate and self.auth is not None:
             self.auth.check(request)
+
+    def _json_body(self, request: IRequest, types: Collection[str]) -> Any:
+        check_content_type(request.getHeader(b"content-type"), types)
+        return decode_json(self._read(request))
 
     def _read(self, request: IRequest) -> bytes:
         content = request.content
         if content is None:
             return b""
         content.seek(0)
-        body: bytes = content.read(self.max_body + 1)
-        if len(body) > self.max_body:
-            raise BadWebhook(f"body larger than {self.max_body} bytes", 413)
+        body: bytes = content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise BadWebhook(f"body larger than {MAX_BODY} bytes", 413)
         return body
 
+    async def _accept(self, updates: Sequence[Update]) -> str:
+        where = await self.sink.accept(updates)
+        for u in updates:
+            self.metrics.updates_accepted.labels(source=u.source).inc()
+            log.info(
+                "accepted update source={source} repository={repository} tag={tag}"
+                " digest={digest}",
+                source=u.source, repository=u.name, tag=u.tag or "*", digest=u.digest or "-",
+                event_id=u.event_id,
+            )
+        return where
+
     def _callback(self, url: str | None, state: str, description: str) -> None:
-        if not url:
-            log.info("webhook had no callback_url; nothing to answer")
-            return
-        if self.callbacks is None:
+        if not url or self.callbacks is None:
             return
         context = f"{self.context} time={int(self.clock.seconds())}".strip()
         self.callbacks.send(url, state, description[:255], context[:100], self.public_url or "")
 
 
-def _peer(request: IRequest) -> str:
-    addr = request.getClientAddress()
-    host = getattr(addr, "host", None)
-    return f"{host}:{getattr(addr, 'port', '')}" if host else str(addr)
+JSON_TYPES = JSON_CONTENT_TYPES
 
 
-Hook = Callable[[IRequest], Awaitable[bytes]]
+def _accepted(updates: Sequence[Update]) -> dict[str, Any]:
+    return {"status": "accepted", "updates": describe_updates(updates)}
+
+
+def _endpoint(request: IRequest) -> str:
+    return str(getattr(request, "deployer_endpoint", "unknown"))
+
+
+def _path(request: IRequest) -> str:
+    return request.path.decode("ascii", "replace")[:200]
+
+
+async def _within(
+    clock: IReactorTime, d: Deferred[Any], seconds: float
+) -> tuple[bool, Any]:
+    """``(True, result or Failure)`` if ``d`` fires within ``seconds``, else ``(False, None)``;
+    ``d`` itself is left running either way."""
+    waiter: Deferred[tuple[bool, Any]] = Deferred()
+
+    def fired(result: Any) -> Any:
+        if not waiter.called:
+            timer.cancel()
+            waiter.callback((True, result))
+        return None if isinstance(result, Failure) else result
+
+    def late() -> None:
+        waiter.callback((False, None))
+
+    timer = clock.callLater(seconds, late)
+    d.addBoth(fired)
+    return await waiter
+
+
+class LimitedRequest(Request):
+    """A request whose body may not exceed :data:`MAX_BODY`: a larger one is answered 413 as
+    soon as its ``Content-Length`` (or, chunked, its size so far) shows it, before it is read."""
+
+    max_body = MAX_BODY
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        body = json.dumps({"error": f"body larger than {self.max_body} bytes"}).encode() + b"\n"
+        log.info("refused a request body over {limit} bytes", limit=self.max_body)
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.channel.loseConnection()
+
+
+class _MaskedURI:
+    def __init__(self, request: IRequest) -> None:
+        self._request = request
+        self.uri = mask_query(request.uri)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)
+
+
+def mask_query(uri: bytes) -> bytes:
+    """The request URI for logs: ``?token=…`` (and every other query value) masked."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    masked = b"&".join(p.partition(b"=")[0] + b"=***" for p in query.split(b"&") if p)
+    return path + b"?" + masked
+
+
+def access_log_formatter(timestamp: str, request: IRequest) -> str:
+    """Twisted's combined log format, without query strings (tokens travel there)."""
+    line: str = combinedLogFormatter(timestamp, _MaskedURI(request))
+    return line
+
+
+WebhookHandler = Callable[[IRequest], Awaitable[bytes]]
