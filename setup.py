@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["deployer", "deployer.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["deployer", "deployer.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["deployer_plugin.py"]},
     install_requires=[
         "twisted>=23.10",

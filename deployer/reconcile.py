@@ -99,13 +99,23 @@ def with_tag(name: str) -> str:
 class _Round:
     updates: list[Update]
     patterns: set[str]
+    #: The requests the round serves, by pattern: put back as a whole if the engine goes away.
+    batch: dict[str, list[Update]] = attrs.field(factory=dict)
+    #: Every local tag, including those that no pattern of the round matches.
+    local: frozenset[str] = frozenset()
     tags: frozenset[str] = frozenset()
     waiting: set[str] = attrs.field(factory=set)
 
     def absorbs(self, pattern: str) -> bool:
-        """True when every tag the pattern matches still waits for its pull in this round."""
-        wanted = {t for t in self.tags if matches(pattern, t)}
+        """True when every local tag the pattern matches still waits for its pull in this
+        round."""
+        wanted = {t for t in self.local if matches(pattern, t)}
         return bool(wanted) and wanted <= self.waiting
+
+    def join(self, update: Update) -> None:
+        self.updates.append(update)
+        self.patterns.add(update.pattern)
+        self.batch.setdefault(update.pattern, []).append(update)
 
 
 class Reconciler:
@@ -142,8 +152,7 @@ class Reconciler:
         current = self._round
         if current is not None and current.absorbs(pattern):
             log.info("update {update} joins the running round", update=update.describe())
-            current.updates.append(update)
-            current.patterns.add(pattern)
+            current.join(update)
             return
         self._pending.setdefault(pattern, []).append(update)
         self._kick()
@@ -227,7 +236,9 @@ class Reconciler:
 
     async def _run(self, batch: dict[str, list[Update]]) -> RoundReport:
         started = self.reactor.seconds()
-        state = _Round(updates=[u for us in batch.values() for u in us], patterns=set(batch))
+        state = _Round(
+            updates=[u for us in batch.values() for u in us], patterns=set(batch), batch=batch
+        )
         log.info("update round for {patterns}", patterns=sorted(batch))
         images = await self.engine.images()
         running = await self.engine.containers()
@@ -235,6 +246,7 @@ class Reconciler:
         local_tags = {t for image in images for t in image.repo_tags}
         candidates = local_tags | set(runs_on.values())
         targets = sorted(t for t in candidates if any(matches(p, t) for p in state.patterns))
+        state.local = frozenset(familiar(t) for t in candidates)
         state.tags = frozenset(familiar(t) for t in targets)
         state.waiting = set(state.tags)
 

@@ -466,7 +466,7 @@ class MemoryDocker:
             raise LookupError(f"MemoryDocker: no local image {image_ref!r}; pull or add it first")
         container_id = secrets.token_hex(32)
         name = name or f"memory_{container_id[:8]}"
-        if self.find_container(name) is not None:
+        if any(c.name == name.removeprefix("/") for c in self.containers.values()):
             raise ValueError(f"MemoryDocker: the container name {name!r} is already in use")
         self.containers[container_id] = ContainerState(
             id=container_id, name=name, image_ref=image_ref, image_id=image.id,
