@@ -204,7 +204,9 @@ class Reconciler:
             batch, self._pending = self._pending, {}
             try:
                 await self._run(batch)
-            except DockerUnavailable as e:
+            except DockerError as e:
+                # The engine is away or failed to list what the round needs: keep the
+                # requests and try again later (pull and stop errors never get here).
                 self._requeue(batch, e)
                 break
             except Exception:
@@ -220,7 +222,7 @@ class Reconciler:
         self._failures += 1
         delay = min(self.retry_max, self.retry_delay * 2 ** (self._failures - 1))
         log.warn(
-            "Docker engine unavailable ({error}); retrying {patterns} in {delay:.1f} s",
+            "Docker engine error ({error}); retrying {patterns} in {delay:.1f} s",
             error=str(error),
             patterns=sorted(self._pending),
             delay=delay,

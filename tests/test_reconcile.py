@@ -716,3 +716,25 @@ def test_failing_observer_breaks_neither_the_round_nor_later_rounds(
 def test_wait_idle_fires_at_once_when_nothing_is_pending(host: Host) -> None:
     r = host.reconciler()
     fired(r.wait_idle())
+
+
+def test_an_engine_error_while_listing_keeps_the_requests_for_a_retry() -> None:
+    clock = Clock()
+    mem = MemoryDocker()
+    mem.publish("myorg/foo:qa")
+    mem.add_image(["myorg/foo:qa"])
+    old = mem.run("app", "myorg/foo:qa")
+    new = mem.publish("myorg/foo:qa")
+    mem.failing_calls.append(("GET", "/images/json", 500))
+    reports: list[RoundReport] = []
+    r = Reconciler(clock, DockerClient(clock, mem.agent(), base="http://docker"),
+                   observers=[reports.append], retry_delay=1.0)
+    r.request(Update("myorg/foo", source="test", received=0.0, tag="qa"))
+    mem.flush()
+    assert reports == [] and r.busy  # the round failed before pulling; the request waits
+    assert mem.count("POST", "/images/create") == 0
+    clock.advance(1.0)
+    mem.flush()
+    assert not r.busy
+    assert [s.id for s in reports[-1].stopped] == [old]
+    assert mem.image_id("myorg/foo:qa") == new

@@ -242,7 +242,13 @@ class _EngineResource(Resource):
 
     def render(self, request: Request) -> bytes | int:
         path = (request.path or b"/").decode("utf-8", "replace")
-        self._engine.calls.append((request.method.decode("ascii", "replace"), path))
+        method = request.method.decode("ascii", "replace")
+        self._engine.calls.append((method, path))
+        failing = self._engine.failing_calls
+        for i, (m, suffix, status) in enumerate(failing):
+            if m == method and path.endswith(suffix):
+                del failing[i]
+                return _json(request, {"message": "injected engine error"}, status)
         request.setHeader(b"Api-Version", self._engine.api_version.encode())
         request.setHeader(b"Docker-Experimental", b"false")
         request.setHeader(b"Ostype", b"linux")
@@ -293,6 +299,8 @@ class MemoryDocker:
         self.max_pulls_in_progress = 0
         #: While true, agents from :meth:`agent` refuse connections (engine down).
         self.down = False
+        #: (method, path suffix, status): the next matching request fails once with it.
+        self.failing_calls: list[tuple[str, str, int]] = []
         self._failures: dict[str, _PullFailure] = {}
         self._slow: dict[str, _Gate] = {}
         self._on_stop: list[Callable[[ContainerState], object]] = []
