@@ -11,7 +11,7 @@ from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -48,9 +48,13 @@ class EtcdSink:
     etcd: Any
 
     async def accept(self, updates: Sequence[Update]) -> str:
-        revisions = await DeferredList(
-            [self.etcd.record(u) for u in updates], fireOnOneErrback=True, consumeErrors=True
-        )
+        try:
+            revisions = await DeferredList(
+                [self.etcd.record(u) for u in updates], fireOnOneErrback=True, consumeErrors=True
+            )
+        except FirstError as e:
+            # The caller expects the write's own error (EtcdUnavailable answers 503).
+            e.subFailure.raiseException()
         for update, (_, revision) in zip(updates, revisions, strict=True):
             log.info("recorded update {update} at etcd revision {revision}",
                      update=update.describe(), revision=revision)
