@@ -38,6 +38,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from deployer.auth import peer, verify_github_signature
 from deployer.errors import BadWebhook, EtcdUnavailable, Unauthorized
@@ -137,6 +138,8 @@ class WebhookApp:
         self.app.handle_errors(EtcdUnavailable)(self._unavailable)
         self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
         self.app.handle_errors(NotFound)(self._not_found)
+        # werkzeug "redirects" /api//deploy to /api/deploy: an unknown path here, never a 500.
+        self.app.handle_errors(RequestRedirect)(self._not_found)
         self.app.handle_errors(Exception)(self._unexpected)
 
     def resource(self) -> IResource:
@@ -350,9 +353,10 @@ async def _within(
     waiter: Deferred[tuple[bool, Any]] = Deferred()
 
     def fired(result: Any) -> Any:
-        if not waiter.called:
-            timer.cancel()
-            waiter.callback((True, result))
+        if waiter.called:
+            return result  # too late: left to the callbacks the caller adds to ``d``
+        timer.cancel()
+        waiter.callback((True, result))
         return None if isinstance(result, Failure) else result
 
     def late() -> None:
