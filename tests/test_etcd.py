@@ -499,8 +499,23 @@ class Rig:
         got: list[Update] = []
         service = self.etcd.watch(on_update or got.append)
         service.startService()
+        _STARTED.append(service)
         self.flush()
         return service, got
+
+
+_STARTED: list[WatchService] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_watches() -> Iterator[None]:
+    """Every watch a test started is stopped after it, rather than left suspended until the
+    interpreter exits."""
+    yield
+    while _STARTED:
+        service = _STARTED.pop()
+        if service.running:
+            service.stopService()
 
 
 HOSTS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
