@@ -271,9 +271,9 @@ class DockerHubCallback:
                          code=code)
 
         def failed(failure: Failure) -> None:
-            log.failure(
-                "Docker Hub callback {where} failed", failure, level=LogLevel.info, where=where
-            )
+            # Docker Hub no longer honours callbacks: a failure is expected, not a fault.
+            log.info("Docker Hub callback {where} failed: {error}", where=where,
+                     error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
 
         return d.addCallbacks(answered, failed)
 

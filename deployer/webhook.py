@@ -24,7 +24,7 @@ path                           payload                                          
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -186,7 +186,7 @@ class WebhookApp:
     async def dockerhub(self, request: IRequest) -> bytes:
         """Docker Hub: ``repository.repo_name``, ``push_data.tag``, ``callback_url``."""
         self._start(request, "dockerhub")
-        body = self._json_body(request, JSON_TYPES)
+        body = self._json_body(request, JSON_CONTENT_TYPES)
         hook = parse_dockerhub(body, self.clock.seconds())
         try:
             where = await self._accept([hook.update])
@@ -216,13 +216,13 @@ class WebhookApp:
     async def generic(self, request: IRequest) -> bytes:
         """``{"repository": "[host/]repo", "tag": "...", "digest": "..."}`` from CI jobs."""
         self._start(request, "deploy")
-        update = parse_generic(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        update = parse_generic(self._json_body(request, JSON_CONTENT_TYPES), self.clock.seconds())
         await self._accept([update])
         return json_body(request, 202, _accepted([update]))
 
     async def quay(self, request: IRequest) -> bytes:
         self._start(request, "quay")
-        updates = parse_quay(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        updates = parse_quay(self._json_body(request, JSON_CONTENT_TYPES), self.clock.seconds())
         if updates:
             await self._accept(updates)
         return json_body(request, 202, _accepted(updates))
@@ -231,7 +231,7 @@ class WebhookApp:
         """Harbor gives up after 3 s: answer within :data:`HARBOR_ANSWER_WITHIN` even while the
         write still waits for etcd (it goes on, and a failure is logged)."""
         self._start(request, "harbor")
-        updates = parse_harbor(self._json_body(request, JSON_TYPES), self.clock.seconds())
+        updates = parse_harbor(self._json_body(request, JSON_CONTENT_TYPES), self.clock.seconds())
         if not updates:
             return json_body(request, 202, _accepted(updates))
         accepted = Deferred.fromCoroutine(self._accept(updates))
@@ -256,7 +256,7 @@ class WebhookApp:
         verify_github_signature(self.github_secret, raw,
                                 request.getHeader(b"x-hub-signature-256"))
         event = (request.getHeader(b"x-github-event") or b"").decode("ascii", "replace")
-        check_content_type(request.getHeader(b"content-type"), JSON_TYPES)
+        check_content_type(request.getHeader(b"content-type"), JSON_CONTENT_TYPES)
         if event == "ping":
             return json_body(request, 200, {"status": "pong"})
         delivery = request.getHeader(b"x-github-delivery")
@@ -328,9 +328,6 @@ class WebhookApp:
             return
         context = f"{self.context} time={int(self.clock.seconds())}".strip()
         self.callbacks.send(url, state, description[:255], context[:100], self.public_url or "")
-
-
-JSON_TYPES = JSON_CONTENT_TYPES
 
 
 def _accepted(updates: Sequence[Update]) -> dict[str, Any]:
@@ -431,5 +428,3 @@ def access_log_formatter(timestamp: str, request: IRequest) -> str:
     line: str = combinedLogFormatter(timestamp, _MaskedURI(request))
     return line
 
-
-WebhookHandler = Callable[[IRequest], Awaitable[bytes]]
