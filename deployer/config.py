@@ -12,6 +12,7 @@ import attrs
 from deployer.auth import load_token
 from deployer.dockercfg import Credentials, load_credentials
 from deployer.errors import ConfigError
+from deployer.notify import check_config_url
 
 TOKEN_HELP = (
     "webhooks need a token: set --webhook_token TOKEN, --webhook_token_file FILE or the"
@@ -134,6 +135,12 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     if public_url and urlsplit(public_url).scheme not in ("http", "https"):
         raise ConfigError(f"--public_url {public_url!r} is not an http(s) URL")
 
+    slack_url = opts.get("slack_webhook_url") or environ.get("SLACK_WEBHOOK_URL")
+    if slack_url:
+        check_config_url(slack_url, "--slack_webhook_url")
+    if opts.get("notify_url"):
+        check_config_url(opts["notify_url"], "--notify_url")
+
     registry = str(opts.get("registry") or "https://index.docker.io/v1/")
     credentials: Credentials = load_credentials(opts.get("dockercfg"), registry, environ)
 
@@ -151,7 +158,7 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         registry=registry,
         repull_period=duration("repull_period"),
         slack_username=str(opts.get("slack_username") or "Deployer"),
-        slack_webhook_url=opts.get("slack_webhook_url") or environ.get("SLACK_WEBHOOK_URL"),
+        slack_webhook_url=slack_url,
         webhook_path=path,
         webhook_tokens=(token,) if token else (),
         insecure_webhooks=insecure,

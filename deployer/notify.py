@@ -72,7 +72,7 @@ def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit(parts._replace(netloc=hostport)), (user, password)
 
 
-def _check_config_url(url: str, what: str) -> str:
+def check_config_url(url: str, what: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a bad port
@@ -298,7 +298,7 @@ class SlackNotifier:
     http: HTTPClient
     reactor: IReactorTime
     webhook_url: str = attrs.field(
-        repr=False, validator=lambda _i, _a, v: _check_config_url(v, "Slack webhook")
+        repr=False, validator=lambda _i, _a, v: check_config_url(v, "Slack webhook")
     )
     username: str = "Deployer"
     timeout: float = 10.0
@@ -375,7 +375,7 @@ class WebhookNotifier:
     http: HTTPClient
     reactor: IReactorTime
     url: str = attrs.field(
-        repr=False, validator=lambda _i, _a, v: _check_config_url(v, "notification webhook")
+        repr=False, validator=lambda _i, _a, v: check_config_url(v, "notification webhook")
     )
     timeout: float = 10.0
     retries: int = 2

@@ -154,6 +154,8 @@ def test_token_file(tmp_path: Path) -> None:
         (["--etcd_nodes", "ftp://x"], "etcd_nodes"),
         (["--docker", "/var/run/docker.sock"], "docker"),
         (["--webhook_path", "hook"], "webhook_path"),
+        (["--slack_webhook_url", "hooks.slack.com/x"], "slack_webhook_url"),
+        (["--notify_url", "ftp://example.com/x"], "notify_url"),
     ],
 )
 def test_bad_values_get_clear_messages(args: list[str], words: str) -> None:

@@ -164,3 +164,75 @@ def test_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert b"DEPLOYER_WEBHOOK_TOKEN" in done.stdout + done.stderr
+
+
+class _Recorder:
+    """A loopback HTTP server that records POSTs: Slack's ``/slack`` answers ``ok``."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                recorder.posts.append((self.path, json.loads(body)))
+                answer = b"ok" if self.path == "/slack" else b""
+                self.send_response(200 if answer else 204)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, path: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p, body in self.posts:
+                if p == path:
+                    return body
+            time.sleep(0.05)
+        raise AssertionError(f"nothing was posted to {path}: {self.posts}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_slack_and_the_report_hear_what_was_deployed(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder, daemon_factory: Callable[..., Daemon],
+) -> None:
+    recorder = _Recorder()
+    try:
+        repo = unique("app")
+        ref = image_builder.ref(repo, "qa")
+        image_builder.publish(ref, "v1")
+        clean_dockerd.cli("pull", ref)
+        name = unique("c")
+        run_container(clean_dockerd, ref, name)
+        daemon = daemon_factory(
+            "--docker", clean_dockerd.url, "--repull_period", "0", "--hostname", "host-a",
+            "--slack_webhook_url", f"{recorder.url}/slack", "--slack_username", "qa deploy",
+            "--notify_url", f"{recorder.url}/hook",
+        )
+        v2 = image_builder.publish(ref, "v2")
+        status, _ = daemon.post_json("/api/deploy", {"repository": ref.rsplit(":", 1)[0],
+                                                      "tag": "qa"})
+        assert status == 202
+        slack = recorder.wait("/slack")
+        assert slack == {"text": f"Deploying {name}", "username": "qa deploy"}
+        report = recorder.wait("/hook")
+        assert report["host"] == "host-a"
+        assert report["containers_stopped"] == [name]
+        assert report["images"] == {ref: v2.image_id}
+        assert report["failures"] == []
+    finally:
+        recorder.close()
