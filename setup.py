@@ -23,7 +23,7 @@ setup(
     packages=[*find_packages(include=["deployer", "deployer.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["deployer_plugin.py"]},
     install_requires=[
-        "twisted>=23.10",
+        "twisted>=24.7",
         "klein>=23.5",
         "treq>=23.11",
         "attrs>=23.1",

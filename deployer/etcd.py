@@ -51,11 +51,10 @@ module-level ``treq.post`` rather than its own pool, ignores ``serializable`` an
 arguments, talks to a single URL, drops any watch message that arrives split across two TCP
 reads, and hides the event type (PUT or DELETE) and compaction notices from the watch callback.
 So this module keeps txaioetcd's value types and marshalling (:class:`~txaioetcd.KeySet`,
-:class:`~txaioetcd.Transaction`, :class:`~txaioetcd.OpSet`, ``KeyValue._parse``,
-``Header._parse``, ``Range._parse``, ``Error._parse``) and does the HTTP itself: a
-:class:`treq.client.HTTPClient` over its own ``Agent`` and ``HTTPConnectionPool`` against
-``/v3/...``, member failover, and :class:`JSONLinesReader`, a watch stream reader that buffers
-partial lines.
+``KeyValue._parse``, ``Header._parse``, ``Range._parse``, ``Error._parse``) and does the HTTP
+itself: a :class:`treq.client.HTTPClient` over its own ``Agent`` and ``HTTPConnectionPool``
+against ``/v3/...``, member failover, and :class:`JSONLinesReader`, a watch stream reader that
+buffers partial lines. Transactions are built as plain JSON (:func:`put_transaction`).
 
 Only txaioetcd's ``_types`` module is loaded (:func:`_txaioetcd_types`): the package's
 ``__init__`` also imports its LMDB database layer (zlmdb, which brings numpy), about 15 MB of
@@ -70,7 +69,8 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from base64 import b64encode
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -134,11 +134,11 @@ def _txaioetcd_types() -> ModuleType:
 
 
 if TYPE_CHECKING:
-    from txaioetcd import Error, Header, KeySet, KeyValue, OpSet, Range, Transaction
+    from txaioetcd import Error, Header, KeySet, KeyValue, Range
 else:
     _types = _txaioetcd_types()
     Error, Header, KeySet, KeyValue = _types.Error, _types.Header, _types.KeySet, _types.KeyValue
-    OpSet, Range, Transaction = _types.OpSet, _types.Range, _types.Transaction
+    Range = _types.Range
 
 _T = TypeVar("_T")
 
@@ -481,6 +481,21 @@ class MemberEndpoints:
         return endpoint
 
 
+
+def put_transaction(items: Iterable[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The JSON body of one ``/v3/kv/txn`` that puts every ``(key, value)``, unconditionally.
+
+    Built here rather than with txaioetcd's ``Transaction``/``OpSet``: their marshalling imports
+    the whole txaioetcd package at the first write (see the module docstring).
+    """
+    return {
+        "success": [
+            {"request_put": {"key": b64encode(key).decode(), "value": b64encode(value).decode()}}
+            for key, value in items
+        ]
+    }
+
+
 class Etcd:
     """The fleet's log of updates: group-committed writes and watches (see the module docstring).
 
@@ -550,7 +565,7 @@ class Etcd:
         self._in_flight.addBoth(lambda _: self._send_next())
 
     async def _commit(self, batch: dict[bytes, tuple[bytes, list[Deferred[int]]]]) -> None:
-        txn = Transaction(success=[OpSet(key, value) for key, (value, _) in batch.items()])
+        txn = put_transaction((key, value) for key, (value, _) in batch.items())
         waiting = [done for _, callers in batch.values() for done in callers]
         try:
             revision = await self._write(txn, len(batch))
@@ -564,9 +579,8 @@ class Etcd:
             if not done.called:
                 done.callback(revision)
 
-    async def _write(self, txn: Transaction, keys: int) -> int:
+    async def _write(self, body: dict[str, Any], keys: int) -> int:
         reasons = []
-        body = txn._marshal()
         for index in self.members.in_turn():
             url = self.members.nodes[index]
             try:

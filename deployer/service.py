@@ -56,8 +56,8 @@ class EtcdSink:
             # The caller expects the write's own error (EtcdUnavailable answers 503).
             e.subFailure.raiseException()
         for update, (_, revision) in zip(updates, revisions, strict=True):
-            log.info("recorded update {update} at etcd revision {revision}",
-                     update=update.describe(), revision=revision)
+            log.debug("recorded update {update} at etcd revision {revision}",
+                      update=update.describe(), revision=revision)
         return "Triggered etcd " + ", ".join(self.etcd.key_for(u) for u in updates)
 
 
@@ -162,7 +162,8 @@ def make_service(config: Any, reactor: Any) -> MultiService:
         metrics=metrics,
         github_secret=config.github_secret.encode() if config.github_secret else None,
     )
-    site = Site(app.resource(), logFormatter=access_log_formatter)
+    # Every endpoint takes JSON: no parsing of form bodies (Twisted does it by default).
+    site = Site(app.resource(), logFormatter=access_log_formatter, parsePOSTFormSubmission=False)
     site.requestFactory = LimitedRequest
     site.noisy = False
     strports.service(config.listen, site).setServiceParent(top)

@@ -388,3 +388,38 @@ async def test_record_fails_when_no_member_answers(etcd_prefix: str, clients: Cl
     message = str(failure.value)
     assert dead[0] in message and dead[1] in message
     assert "refused" in message.lower()
+
+
+_FOOTPRINT = """
+import sys
+from twisted.internet import task
+from deployer.etcd import Etcd, EtcdConfig
+from deployer.model import Update
+
+async def main(reactor):
+    etcd = Etcd(reactor, EtcdConfig(nodes=(sys.argv[1],), prefix=sys.argv[2]))
+    got = []
+    watch = etcd.watch(got.append)
+    watch.startService()
+    await etcd.record(Update("myorg/footprint", source="test", received=1.0, tag="qa"))
+    while not got:
+        await task.deferLater(reactor, 0.02)
+    await watch.stopService()
+    await etcd.close()
+    heavy = sorted(m for m in ("txaioetcd", "numpy", "zlmdb") if m in sys.modules)
+    print(",".join(heavy) or "none")
+
+task.react(lambda reactor: __import__("twisted.internet.defer").internet.defer
+           .Deferred.fromCoroutine(main(reactor)))
+"""
+
+
+def test_writing_and_watching_load_only_the_value_types(etcd: Any, etcd_prefix: str) -> None:
+    """txaioetcd's package (and the numpy behind its LMDB layer) stays out of the daemon."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FOOTPRINT, etcd.client_url, etcd_prefix],
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().strip() == "none"
