@@ -14,7 +14,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from deployer.docker import DockerClient
 from deployer.errors import DockerError
@@ -97,7 +96,7 @@ async def _maybe(result: Any) -> None:
 def make_service(config: Any, reactor: Any) -> MultiService:
     from deployer.auth import TokenAuth
     from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
-    from deployer.webhook import LimitedRequest, WebhookApp, access_log_formatter
+    from deployer.webhook import WebhookApp, WebhookSite
 
     top = MultiService()
     metrics = Metrics()
@@ -162,10 +161,7 @@ def make_service(config: Any, reactor: Any) -> MultiService:
         metrics=metrics,
         github_secret=config.github_secret.encode() if config.github_secret else None,
     )
-    # Every endpoint takes JSON: no parsing of form bodies (Twisted does it by default).
-    site = Site(app.resource(), logFormatter=access_log_formatter, parsePOSTFormSubmission=False)
-    site.requestFactory = LimitedRequest
-    site.noisy = False
+    site = WebhookSite(app.resource())
     strports.service(config.listen, site).setServiceParent(top)
 
     if config.repull_period > 0:

@@ -33,10 +33,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
@@ -428,3 +429,22 @@ def access_log_formatter(timestamp: str, request: IRequest) -> str:
     line: str = combinedLogFormatter(timestamp, _MaskedURI(request))
     return line
 
+
+
+class WebhookSite(Site):
+    """The daemon's ``Site``: request bodies limited (:class:`LimitedRequest`), no form parsing
+    (every endpoint takes JSON), query strings masked in the access log, and only answers that
+    are not 2xx written to it: an accepted webhook already has its own log line naming what it
+    accepted, and health checks and metric scrapes would drown everything else."""
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: IResource, **kwargs: Any) -> None:
+        kwargs.setdefault("logFormatter", access_log_formatter)
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.noisy = False
+
+    def log(self, request: http.Request) -> None:
+        if 200 <= request.code < 300:
+            return
+        super().log(request)

@@ -45,7 +45,7 @@ from deployer.webhook import (
     MAX_BODY,
     LimitedRequest,
     WebhookApp,
-    access_log_formatter,
+    WebhookSite,
     mask_query,
 )
 
@@ -1106,32 +1106,32 @@ def test_mask_query_hides_every_value(
     assert set(values) == {b"***"}
 
 
-def test_access_log_has_no_token(tmp_path: Path) -> None:
-    """Through a real Site with the daemon's formatter and request factory."""
+def test_access_log_has_no_token_and_only_answers_that_are_not_2xx(tmp_path: Path) -> None:
+    """Through the daemon's own Site."""
     log_path = tmp_path / "access.log"
     clock = Clock()
     clock.advance(START)
     front = Front()
-    site = Site(front.app.resource(), logPath=str(log_path), reactor=clock,
-                logFormatter=access_log_formatter)
-    site.requestFactory = LimitedRequest
+    site = WebhookSite(front.app.resource(), logPath=str(log_path), reactor=clock)
     site.doStart()
     try:
-        channel, transport = connect(site)
-        body = b'{"repository": "myorg/foo"}'
-        channel.dataReceived(
-            b"POST /api/deploy?token=" + TOKEN.encode() + b"&tag=qa HTTP/1.1\r\n"
-            b"Host: deployer.test\r\nContent-Type: application/json\r\n"
-            b"User-Agent: ci/1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-            + body
-        )
-        assert transport.value().startswith(b"HTTP/1.1 202 ")
+        for token, answer in ((TOKEN, b"202"), ("not-" + TOKEN, b"401")):
+            channel, transport = connect(site)
+            body = b'{"repository": "myorg/foo"}'
+            channel.dataReceived(
+                b"POST /api/deploy?token=" + token.encode() + b"&tag=qa HTTP/1.1\r\n"
+                b"Host: deployer.test\r\nContent-Type: application/json\r\n"
+                b"User-Agent: ci/1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                + body
+            )
+            assert transport.value().startswith(b"HTTP/1.1 " + answer + b" ")
     finally:
         site.doStop()
-    line = log_path.read_text()
-    assert '"POST /api/deploy?token=***&tag=*** HTTP/1.1" 202' in line
-    assert '"ci/1"' in line
-    assert TOKEN not in line
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 1, lines  # the 202 is not in the access log, the 401 is
+    assert '"POST /api/deploy?token=***&tag=*** HTTP/1.1" 401' in lines[0]
+    assert '"ci/1"' in lines[0]
+    assert TOKEN not in lines[0]
     assert len(front.sink.updates) == 1
 
 
