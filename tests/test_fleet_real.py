@@ -244,8 +244,8 @@ def test_a_webhook_to_one_host_deploys_on_every_host(
         log = host.deployer.log()
         assert rounds_for(log, pattern) == 1, log
         assert stops_of(log, host.supervisor.name) == 1, log
-    assert "recorded update" in a.deployer.log()
-    assert "recorded update" not in b.deployer.log()  # B learned it from its watch only
+    assert "accepted update source=dockerhub" in a.deployer.log()
+    assert "accepted update" not in b.deployer.log()  # B learned it from its watch only
 
 
 def test_the_fleet_survives_the_loss_of_the_first_etcd_member(
