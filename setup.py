@@ -35,7 +35,6 @@ setup(
             "pytest>=7",
             "pytest-twisted>=1.14",
             "hypothesis>=6.80",
-            "bcrypt>=4",
         ],
         "dev": ["mypy>=1.8", "mypy-zope>=1.0", "ruff>=0.4"],
     },
