@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
 
 from deployer.auth import load_token
+from deployer.docker import engine_endpoint
 from deployer.dockercfg import Credentials, load_credentials
 from deployer.errors import ConfigError
 from deployer.notify import check_config_url
@@ -74,6 +78,10 @@ def _etcd_nodes(value: str | None) -> tuple[str, ...]:
         if "://" not in node:
             node = "http://" + node
         parts = urlsplit(node)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ConfigError(f"--etcd_nodes: {raw!r} has a bad port: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"--etcd_nodes: {raw!r} is not an http(s)://host:port URL")
         nodes.append(node)
@@ -110,13 +118,26 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
 
     def endpoint(name: str) -> str:
         try:
-            return listen_endpoint(str(opts[name]))
+            description = listen_endpoint(str(opts[name]))
+            # Parsed (not listened on) with a reactor that only records, so that a bad
+            # description is a usage error now rather than a traceback at start.
+            serverFromString(MemoryReactor(), description)
         except Exception as e:
-            raise ConfigError(str(e)) from e
+            raise ConfigError(f"--{name} {opts[name]!r}: {e}") from e
+        return description
 
     docker = opts.get("docker") or environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    if not docker.startswith(("unix://", "tcp://", "http://")):
-        raise ConfigError(f"--docker {docker!r}: use unix:///path/to/docker.sock or tcp://host:port")
+    try:
+        engine_endpoint(MemoryReactor(), docker)
+    except ValueError as e:
+        raise ConfigError(
+            f"--docker {docker!r}: {e}; use unix:///path/to/docker.sock or tcp://host:port"
+        ) from None
+    if docker.startswith("tcp://") and environ.get("DOCKER_TLS_VERIFY"):
+        raise ConfigError(
+            "DOCKER_TLS_VERIFY is set, but deployer speaks to the Docker engine without TLS:"
+            " use its unix socket, or a TCP endpoint on a trusted network without TLS"
+        )
 
     token = load_token(opts.get("webhook_token"), opts.get("webhook_token_file"), environ)
     insecure = bool(opts.get("insecure_webhooks"))
@@ -128,8 +149,11 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         raise ConfigError("--etcd_prefix cannot be the root '/'")
 
     path = str(opts.get("webhook_path") or "/api/dockerhub/webhook")
-    if not path.startswith("/"):
-        raise ConfigError(f"--webhook_path must start with '/': {path!r}")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=@-]+)+/?", path):
+        raise ConfigError(
+            f"--webhook_path must be a path such as /api/dockerhub/webhook (letters, digits and"
+            f" -._~!$&'()*+,;=@ between slashes): {path!r}"
+        )
 
     public_url = opts.get("public_url")
     if public_url and urlsplit(public_url).scheme not in ("http", "https"):
@@ -144,13 +168,20 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     registry = str(opts.get("registry") or "https://index.docker.io/v1/")
     credentials: Credentials = load_credentials(opts.get("dockercfg"), registry, environ)
 
+    dial_timeout = duration("etcd_dial_timeout")
+    if dial_timeout <= 0:
+        raise ConfigError("--etcd_dial_timeout must be more than 0")
+    retry_delay = duration("etcd_retry_delay")
+    if retry_delay <= 0:
+        raise ConfigError("--etcd_retry_delay must be more than 0")
+
     return Config(
         docker=docker,
         credentials=credentials,
         etcd_nodes=_etcd_nodes(opts.get("etcd_nodes")),
         etcd_prefix=prefix,
-        etcd_dial_timeout=duration("etcd_dial_timeout"),
-        etcd_retry_delay=duration("etcd_retry_delay"),
+        etcd_dial_timeout=dial_timeout,
+        etcd_retry_delay=retry_delay,
         strong_consistency=bool(opts.get("strong_consistency")),
         kill_timeout=_int("kill_timeout", opts.get("kill_timeout", 10), 0),
         listen=endpoint("listen"),

@@ -18,9 +18,9 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,7 +133,11 @@ def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
     if parts.scheme in ("tcp", "http"):
         if not parts.hostname:
             raise ValueError(f"no host in {url!r}")
-        return TCP4ClientEndpoint(reactor, parts.hostname, parts.port or 2375, timeout=10)
+        try:
+            port = parts.port or 2375
+        except ValueError as e:
+            raise ValueError(f"bad port in {url!r}: {e}") from None
+        return HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
     raise ValueError(f"unsupported Docker endpoint {url!r}: use unix:///path or tcp://host:port")
 
 
@@ -151,10 +155,18 @@ def engine_agent(reactor: Any, url: str, pool: HTTPConnectionPool | None = None)
     return Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
 
 
-class _PullReader(Protocol):
-    """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly."""
+#: A pull whose stream says nothing for this long has stalled (the engine itself never gives up
+#: on a registry that stops sending); it then fails, stopping nothing, and the next round retries.
+PULL_STALL_TIMEOUT = 300.0
 
-    def __init__(self, done: Deferred[None], repotag: str, clock: IReactorTime) -> None:
+
+class _PullReader(Protocol):
+    """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly.
+
+    A watchdog ends the pull as failed when the stream is silent for ``stall_timeout``."""
+
+    def __init__(self, done: Deferred[None], repotag: str, clock: IReactorTime,
+                 stall_timeout: float = PULL_STALL_TIMEOUT) -> None:
         self.done = done
         self.repotag = repotag
         self.clock = clock
@@ -162,8 +174,27 @@ class _PullReader(Protocol):
         self.error: str | None = None
         self.last_status = ""
         self.next_log = 0.0
+        self.stall_timeout = stall_timeout
+        self.watchdog: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.watchdog = self.clock.callLater(self.stall_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self.watchdog = None
+        log.error("pull {repotag}: no progress for {seconds:g} s; giving up",
+                  repotag=self.repotag, seconds=self.stall_timeout)
+        done, self.done = self.done, Deferred()
+        self.done.addErrback(lambda _: None)  # the stream's end, after giving up, is moot
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+        done.errback(PullFailed(
+            f"pull {self.repotag}: no progress for {self.stall_timeout:g} s"
+        ))
 
     def dataReceived(self, data: bytes) -> None:
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.reset(self.stall_timeout)
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
@@ -202,6 +233,9 @@ class _PullReader(Protocol):
             log.info("pull {repotag}: {status}", repotag=self.repotag, status=status)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.watchdog is not None and self.watchdog.active():
+            self.watchdog.cancel()
+        self.watchdog = None
         if self.buffer:
             self.line(self.buffer)
             self.buffer = b""
@@ -224,8 +258,10 @@ class DockerClient:
         credentials: Credentials | None = None,
         pool: HTTPConnectionPool | None = None,
         request_timeout: float = 60.0,
+        pull_stall_timeout: float = PULL_STALL_TIMEOUT,
     ) -> None:
         self.reactor = reactor
+        self.pull_stall_timeout = pull_stall_timeout
         self.http = HTTPClient(agent)
         self.base = base.rstrip("/")
         self.credentials = credentials or Credentials()
@@ -373,7 +409,7 @@ class DockerClient:
             error = _error(response.code, body, "/images/create")
             raise PullFailed(f"pull {repotag}: {error.message}", response.code)
         done: Deferred[None] = Deferred()
-        reader = _PullReader(done, repotag, self.reactor)
+        reader = _PullReader(done, repotag, self.reactor, self.pull_stall_timeout)
         response.deliverBody(reader)
         await done
         if reader.error is not None:

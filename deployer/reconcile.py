@@ -40,6 +40,9 @@ from deployer.reference import familiar, matches
 
 log = Logger()
 
+#: Requests kept per pattern while they wait for a round; more are folded into the newest.
+MAX_QUEUED_PER_PATTERN = 1000
+
 
 class Engine(Protocol):
     """What a round needs of the Docker engine (:class:`deployer.docker.DockerClient`)."""
@@ -143,6 +146,9 @@ class Reconciler:
         self._failures = 0
         self._idle: list[Deferred[None]] = []
         self._config_images: dict[str, str] = {}
+        self._stopped = False
+        #: Requests folded into the newest one of their pattern (see MAX_QUEUED_PER_PATTERN).
+        self.merged = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -154,7 +160,14 @@ class Reconciler:
             log.info("update {update} joins the running round", update=update.describe())
             current.join(update)
             return
-        self._pending.setdefault(pattern, []).append(update)
+        queued = self._pending.setdefault(pattern, [])
+        if len(queued) < MAX_QUEUED_PER_PATTERN:
+            queued.append(update)
+        else:
+            # A flood for one pattern while the engine is away: one round serves them all
+            # anyway; keep the oldest and the newest, and count what was merged.
+            queued[-1] = update
+            self.merged += 1
         self._kick()
 
     @property
@@ -171,13 +184,14 @@ class Reconciler:
         return d
 
     def stop(self) -> None:
-        """Cancel a scheduled retry (the service is stopping)."""
+        """Cancel a scheduled retry and start no more rounds (the service is stopping)."""
+        self._stopped = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
 
     def _kick(self) -> None:
-        if self._running or not self._pending:
+        if self._running or not self._pending or self._stopped:
             return
         if self._retry is not None and self._retry.active():
             return
@@ -200,7 +214,7 @@ class Reconciler:
             d.callback(None)
 
     async def _work(self) -> None:
-        while self._pending:
+        while self._pending and not self._stopped:
             batch, self._pending = self._pending, {}
             try:
                 await self._run(batch)
@@ -219,6 +233,10 @@ class Reconciler:
     def _requeue(self, batch: dict[str, list[Update]], error: DockerError) -> None:
         for pattern, updates in batch.items():
             self._pending.setdefault(pattern, [])[:0] = updates
+        if self._stopped:
+            log.info("stopping with {patterns} not deployed ({error})",
+                     patterns=sorted(self._pending), error=str(error))
+            return
         self._failures += 1
         delay = min(self.retry_max, self.retry_delay * 2 ** (self._failures - 1))
         log.warn(

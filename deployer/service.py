@@ -147,7 +147,7 @@ def make_service(config: Any, reactor: Any) -> MultiService:
         metrics.watch_live.set_function(lambda: 1.0 if live.live else 0.0)
         watch.setServiceParent(top)
         closers.append(etcd.close)
-        context = "etcd=" + ",".join(config.etcd_nodes)
+        context = f"deployer={config.hostname} via etcd"
 
     app = WebhookApp(
         clock=reactor,

@@ -6,6 +6,7 @@ Every flag of the Go original keeps its name and default (``--etcd_nodes``); the
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,8 @@ def parse_duration(text: str) -> float:
     except ValueError:
         pass
     else:
+        if not math.isfinite(seconds):
+            raise usage.UsageError(f"a duration must be a finite number: {text!r}")
         if seconds < 0:
             raise usage.UsageError(f"a duration cannot be negative: {text!r}")
         return seconds

@@ -155,12 +155,35 @@ def test_token_file(tmp_path: Path) -> None:
         (["--docker", "/var/run/docker.sock"], "docker"),
         (["--webhook_path", "hook"], "webhook_path"),
         (["--slack_webhook_url", "hooks.slack.com/x"], "slack_webhook_url"),
+        (["--etcd_dial_timeout", "nan"], "etcd_dial_timeout"),
+        (["--repull_period", "inf"], "repull_period"),
+        (["--etcd_dial_timeout", "0"], "etcd_dial_timeout"),
+        (["--etcd_retry_delay", "0s"], "etcd_retry_delay"),
+        (["--docker", "unix://"], "docker"),
+        (["--docker", "tcp://host:abc"], "docker"),
+        (["--listen", "tcp:abc"], "listen"),
+        (["--listen", "foo:bar"], "listen"),
+        (["--etcd_nodes", "http://127.0.0.1:abc"], "etcd_nodes"),
+        (["--webhook_path", "/a/<x>"], "webhook_path"),
+        (["--webhook_path", "/a b"], "webhook_path"),
         (["--notify_url", "ftp://example.com/x"], "notify_url"),
     ],
 )
 def test_bad_values_get_clear_messages(args: list[str], words: str) -> None:
     with pytest.raises(usage.UsageError, match=words):
         parse([*args, "--insecure_webhooks"])
+
+
+def test_tls_to_the_engine_is_refused_clearly() -> None:
+    with pytest.raises(usage.UsageError, match="DOCKER_TLS_VERIFY"):
+        parse(["--insecure_webhooks"], {"DOCKER_HOST": "tcp://10.0.0.1:2376",
+                                        "DOCKER_TLS_VERIFY": "1"})
+
+
+def test_engine_over_ipv6_tcp() -> None:
+    assert parse(["--insecure_webhooks", "--docker", "tcp://[::1]:2375"]).docker == (
+        "tcp://[::1]:2375"
+    )
 
 
 def test_named_dockercfg_must_be_readable(tmp_path: Path) -> None:

@@ -738,3 +738,44 @@ def test_an_engine_error_while_listing_keeps_the_requests_for_a_retry() -> None:
     assert not r.busy
     assert [s.id for s in reports[-1].stopped] == [old]
     assert mem.image_id("myorg/foo:qa") == new
+
+
+def test_a_flood_for_one_pattern_is_bounded_while_the_engine_is_away() -> None:
+    from deployer.reconcile import MAX_QUEUED_PER_PATTERN
+
+    clock = Clock()
+    mem = MemoryDocker()
+    mem.down = True
+    reports: list[RoundReport] = []
+    r = Reconciler(clock, DockerClient(clock, mem.agent(), base="http://docker"),
+                   observers=[reports.append], retry_delay=1.0)
+    for i in range(MAX_QUEUED_PER_PATTERN + 500):
+        r.request(Update("myorg/foo", source="test", received=float(i), tag="qa"))
+    mem.flush()
+    assert r.merged == 500
+    mem.down = False
+    clock.advance(1.0)
+    mem.flush()
+    [report] = reports
+    assert len(report.updates) == MAX_QUEUED_PER_PATTERN
+    assert report.updates[0].received == 0.0
+    assert report.updates[-1].received == float(MAX_QUEUED_PER_PATTERN + 499)  # the newest
+
+
+def test_stopping_ends_retries_and_starts_no_round() -> None:
+    clock = Clock()
+    mem = MemoryDocker()
+    mem.down = True
+    r = Reconciler(clock, DockerClient(clock, mem.agent(), base="http://docker"),
+                   retry_delay=1.0)
+    r.request(Update("myorg/foo", source="test", received=0.0, tag="qa"))
+    mem.flush()
+    assert clock.getDelayedCalls()  # a retry is scheduled
+    r.stop()
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
+    mem.down = False
+    calls = len(mem.calls)
+    r.request(Update("myorg/bar", source="test", received=1.0, tag="qa"))
+    clock.advance(100)
+    mem.flush()
+    assert len(mem.calls) == calls  # nothing more reaches the engine
