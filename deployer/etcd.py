@@ -41,8 +41,16 @@ A write that timed out may still have been applied: writes are at least once.
 Members are used in the order of ``--etcd_nodes``; writes and the watch share the member in use,
 and a failure of that member moves both to the next one. A write tries every member once, each
 within ``dial_timeout``; the watch retries forever after a backoff (``retry_delay`` doubled per
-failure, capped at :data:`MAX_BACKOFF`, with jitter). Reads are serializable (served by the
-member itself) unless ``--strong_consistency`` asks for linearizable ones.
+failure, capped at :data:`MAX_BACKOFF`, with jitter, and never shorter than
+:data:`MIN_RETRY_DELAY`). Reads are serializable (served by the member itself) unless
+``--strong_consistency`` asks for linearizable ones.
+
+Every request carries ``Grpc-Metadata-hasleader: true`` (:data:`REQUIRE_LEADER`), which the
+gateway passes on to etcd as gRPC metadata. A member that has lost its leader (cut off from the
+rest of the cluster) then answers reads and writes with ``etcdserver: no leader`` (HTTP 503)
+instead of serving stale data, and ends a watch stream with that error after a few election
+timeouts (about 12 s with etcd's defaults) instead of keeping it open and silent while the rest
+of the cluster moves on. Either way the request fails over to the next member.
 
 Why not txaioetcd's ``Client``
 ------------------------------
@@ -106,6 +114,7 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
@@ -147,6 +156,15 @@ MAX_TXN_OPS = 128
 
 MAX_BACKOFF = 30.0
 """The cap, in seconds, of the watch's reconnection backoff."""
+
+MIN_RETRY_DELAY = 0.1
+"""The shortest wait, in seconds, before the watch retries, and the ``retry_delay`` that a
+smaller one counts as: with a delay of 0 a watch on an unreachable etcd would retry in a busy
+loop, logging every attempt."""
+
+REQUIRE_LEADER = "Grpc-Metadata-hasleader"
+"""The header (``true``) that makes etcd refuse requests and end watches on a member that has no
+leader (see the module docstring)."""
 
 WATCH_IDLE_TIMEOUT = 11 * 60.0
 """A watch stream silent for this long is presumed dead and reopened. The watch asks for
@@ -284,15 +302,18 @@ def _from_value(bare: Update, value: bytes) -> Update | None:
 @attrs.define
 class Backoff:
     """Capped exponential backoff with jitter: attempt ``n`` waits between half and all of
-    ``min(cap, base * 2**n)`` seconds."""
+    ``min(cap, base * 2**n)`` seconds, and never less than ``floor``. A ``base`` below
+    ``floor`` counts as ``floor``, so a zero ``base`` still backs off."""
 
     base: float
     rng: random.Random
     cap: float = MAX_BACKOFF
+    floor: float = MIN_RETRY_DELAY
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.base * 2 ** min(attempt, 32))
-        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+        base = max(self.base, self.floor)
+        ceiling = min(self.cap, base * 2 ** min(attempt, 32))
+        return max(self.floor, ceiling / 2 + self.rng.uniform(0, ceiling / 2))
 
 
 @attrs.define
@@ -619,7 +640,9 @@ class Etcd:
         return _within(d, self.config.dial_timeout, self.reactor)
 
     async def _call(self, url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._http.post(url + path, json=body, allow_redirects=False)
+        response = await self._http.post(
+            url + path, json=body, headers=_require_leader(), allow_redirects=False
+        )
         return await _json_answer(url, response)
 
     async def read_all(self, url: str) -> tuple[int, list[KeyValue]]:
@@ -640,6 +663,7 @@ class Etcd:
         d = self._http.post(
             url + "/v3/watch",
             json={"create_request": create},
+            headers=_require_leader(),
             unbuffered=True,
             allow_redirects=False,
         )
@@ -659,6 +683,10 @@ class Etcd:
             await self._in_flight
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+
+def _require_leader() -> Headers:
+    return Headers({REQUIRE_LEADER: ["true"]})
 
 
 def _within(d: Deferred[_T], timeout: float, clock: IReactorTime) -> Deferred[_T]:
@@ -691,8 +719,9 @@ class WatchService(Service):
 
     Starts with a catch-up read of every key, then watches (see the module docstring). Any
     failure moves to the next member after a capped, jittered backoff; it never raises out and
-    never stops. :attr:`live` is True while a watch stream is established; :attr:`reason` says
-    why not; :attr:`reconnects` counts reconnection attempts.
+    runs until :meth:`stopService`, whose Deferred fires as soon as the request in flight or the
+    backoff is cancelled. :attr:`live` is True while a watch stream is established;
+    :attr:`reason` says why not; :attr:`reconnects` counts reconnection attempts.
     """
 
     log = Logger()
@@ -733,9 +762,13 @@ class WatchService(Service):
                              prefix=self._etcd.layout.prefix)
 
     async def _run(self) -> None:
+        # stopService cancels what the loop awaits. A cancelled HTTP request fails with what the
+        # agent makes of it (ResponseNeverReceived, ConnectingCancelledError), not with
+        # CancelledError, and a callback may call stopService while the loop is not waiting on
+        # anything: so the loop also checks ``running`` after every step, before it retries.
         members = self._etcd.members
         resync = True
-        while True:
+        while self.running:
             index = members.current
             url = members.nodes[index]
             try:
@@ -743,27 +776,33 @@ class WatchService(Service):
                     self.reason = f"reading {self._etcd.layout.prefix}/ from {url}"
                     await self._read_all(url)
                     resync = False
+                    if not self.running:
+                        return
                 await self._watch(url)
                 why = "the watch stream ended"
             except CancelledError:
                 raise
-            except Compacted as e:
-                self.log.warn(
-                    "etcd {url} compacted the watch's revision {revision} ({why}):"
-                    " reading everything again",
-                    url=url,
-                    revision=self.revision + 1,
-                    why=e,
-                )
-                self.live = False
-                self.reason = f"{url}: {e}; resyncing"
-                resync = True
-                self.resyncs += 1
-                continue
             except Exception as e:
+                if not self.running:
+                    return
+                if isinstance(e, Compacted):
+                    self.log.warn(
+                        "etcd {url} compacted the watch's revision {revision} ({why}):"
+                        " reading everything again",
+                        url=url,
+                        revision=self.revision + 1,
+                        why=e,
+                    )
+                    self.live = False
+                    self.reason = f"{url}: {e}; resyncing"
+                    resync = True
+                    self.resyncs += 1
+                    continue
                 why = describe(e)
                 if not isinstance(e, _EXPECTED_FAILURES):
                     self.log.failure("unexpected error in the etcd watch on {url}", url=url)
+            if not self.running:
+                return
             self.live = False
             self.reason = f"{url}: {why}"
             members.failed(index)
@@ -779,7 +818,7 @@ class WatchService(Service):
                 next=members.nodes[members.current],
                 delay=delay,
             )
-            await deferLater(self._etcd.reactor, delay)
+            await deferLater(self._etcd.reactor, delay)  # a cancel raises CancelledError
             self.reconnects += 1
             self.on_reconnect()
 

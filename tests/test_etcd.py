@@ -17,13 +17,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectingCancelledError, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import URI, ResponseDone
+from twisted.web.client import URI, ResponseDone, ResponseNeverReceived
 from twisted.web.iweb import IAgent, IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -31,6 +32,7 @@ from zope.interface import implementer
 
 from deployer.errors import EtcdUnavailable
 from deployer.etcd import (
+    MIN_RETRY_DELAY,
     WATCH_IDLE_TIMEOUT,
     Backoff,
     Etcd,
@@ -329,6 +331,7 @@ class FakeEtcd(Resource):
         self.held: list[tuple[Request, str, list[dict[str, Any]]]] = []
         self.silent: set[str] = set()
         self.reject: str | None = None
+        self.requests: list[tuple[str, str, list[bytes] | None]] = []
 
     def header(self) -> dict[str, str]:
         return {"cluster_id": "1", "member_id": "2", "revision": str(self.revision),
@@ -337,10 +340,13 @@ class FakeEtcd(Resource):
     def render_POST(self, request: Request) -> bytes | int:
         member = (request.getHeader("host") or "").split(":")[0]
         body = json.loads(request.content.read())
+        path = request.path.decode()
+        self.requests.append(
+            (member, path, request.requestHeaders.getRawHeaders(b"grpc-metadata-hasleader"))
+        )
         if member in self.silent:
             return NOT_DONE_YET
         request.setHeader("content-type", "application/json")
-        path = request.path.decode()
         if path == "/v3/kv/txn":
             ops = body.get("success", [])
             keys = [unb64(op["request_put"]["key"]) for op in ops]
@@ -462,12 +468,16 @@ class SyncProducer:
 
 @implementer(IAgent)
 class FakeNetwork:
-    """Routes requests to the fake gateway, except to members that are down (refused)."""
+    """Routes requests to the fake gateway, except to members that are down (refused) and
+    requests to a path in :attr:`hang`, which never answer: cancelling one fails it with the
+    error that ``hang[path](host)`` makes, as an ``Agent`` does (it reports a cancelled request
+    as ResponseNeverReceived, or ConnectingCancelledError while it connects)."""
 
     def __init__(self, resource: Resource, clock: Clock) -> None:
         self.inner = RequestTraversalAgent(resource)
         self.clock = clock
         self.down: set[str] = set()
+        self.hang: dict[str, Callable[[str], Exception]] = {}
         self.log: list[tuple[float, str, str]] = []
 
     def request(self, method: bytes, uri: bytes, headers: Any = None,
@@ -477,6 +487,9 @@ class FakeNetwork:
         self.log.append((self.clock.seconds(), host, parsed.path.decode()))
         if host in self.down:
             return fail(ConnectionRefusedError(f"{host} is down"))
+        error = self.hang.get(parsed.path.decode())
+        if error is not None:
+            return Deferred(lambda d: d.errback(error(host)))
         return self.inner.request(method, uri, headers, bodyProducer)
 
     def hosts(self, path: str) -> list[str]:
@@ -686,6 +699,41 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
     assert max(delays) <= 30.0
     assert len({round(backoff.delay(5), 6) for _ in range(20)}) > 1, "jittered"
     assert Backoff(1.0, random.Random(3)).delay(10_000) <= 30.0
+
+
+def test_backoff_has_a_floor() -> None:
+    # A zero retry_delay would retry at once, forever: a busy loop while etcd is down.
+    backoff = Backoff(0.0, random.Random(3), cap=30.0)
+    delays = [backoff.delay(n) for n in range(12)]
+    assert min(delays) >= MIN_RETRY_DELAY
+    assert delays[-1] >= 15.0, "it still backs off exponentially from the floor"
+    assert Backoff(1e-9, random.Random(3)).delay(0) >= MIN_RETRY_DELAY
+    assert Backoff(0.0, random.Random(3), cap=0.0).delay(5) == MIN_RETRY_DELAY
+
+
+def test_a_zero_retry_delay_is_not_a_busy_loop() -> None:
+    rig = make_rig()
+    rig.etcd.config.retry_delay = 0.0
+    rig.net.down = {"10.0.0.1"}
+    got: list[Update] = []
+    service = rig.etcd.watch(got.append)
+    attempts = 0
+
+    def reconnected() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 200:
+            raise RuntimeError("busy loop")  # ends the loop rather than hang the test
+
+    service.on_reconnect = reconnected
+    service.startService()
+    _STARTED.append(service)
+    for _ in range(100):
+        rig.clock.advance(0.1)
+        rig.flush()
+    # 10 s of etcd down: delays from 0.1 s doubling (with jitter) make at most ~10 attempts.
+    assert 3 <= attempts <= 12
+    assert not service.live
 
 
 # -- the watch --------------------------------------------------------------------------------
@@ -920,6 +968,83 @@ def test_stop_during_backoff_and_while_live() -> None:
     assert fired(service.stopService()) is None
     rig.flush()
     assert not rig.fake.open_watches, "the stream was closed"
+    assert not service.live
+    assert not rig.clock.getDelayedCalls()
+
+
+def test_requests_ask_for_a_member_with_a_leader() -> None:
+    # etcd's gateway fails these with "etcdserver: no leader" on a member cut off from its
+    # leader, and ends a watch stream on one, instead of serving it silently.
+    rig = make_rig()
+    service, _ = rig.watch()
+    assert service.live
+    fired(rig.etcd.record(u("myorg/foo")))
+    paths = {path: hasleader for _, path, hasleader in rig.fake.requests}
+    assert paths == {"/v3/kv/range": [b"true"], "/v3/watch": [b"true"], "/v3/kv/txn": [b"true"]}
+
+
+def test_no_leader_on_the_watch_stream_moves_to_the_next_member() -> None:
+    rig = make_rig(HOSTS[:2])
+    service, _ = rig.watch()
+    w = rig.fake.open_watches[0]
+    assert w.member == "10.0.0.1"
+    w.request.write(b'{"error":{"grpc_code":14,"http_code":503,"message":"etcdserver: no leader",'
+                    b'"http_status":"Service Unavailable"}}')
+    w.end()
+    rig.flush()
+    assert not service.live
+    assert "no leader" in service.reason
+    assert rig.etcd.members.current == 1
+    rig.clock.advance(1.0)
+    rig.flush()
+    assert service.live
+    assert rig.fake.open_watches[0].member == "10.0.0.2"
+
+
+def response_never_received(host: str) -> Exception:
+    return ResponseNeverReceived([Failure(CancelledError())])
+
+
+def connecting_cancelled(host: str) -> Exception:
+    return ConnectingCancelledError(IPv4Address("TCP", host, 2379))
+
+
+@pytest.mark.parametrize("error", [response_never_received, connecting_cancelled])
+@pytest.mark.parametrize("path", ["/v3/kv/range", "/v3/watch"])
+def test_stop_while_a_request_never_answers(
+    path: str, error: Callable[[str], Exception], logged: list[dict[str, Any]]
+) -> None:
+    # The agent reports the cancelled request as an ordinary failure; the watch must still end
+    # rather than back off and retry, or the daemon never exits on SIGTERM.
+    rig = make_rig(HOSTS[:2], max_backoff=1.0)
+    rig.net.hang[path] = error
+    service, _ = rig.watch()
+    assert rig.net.hosts(path) == ["10.0.0.1"]
+    assert not service.live
+    stopped = service.stopService()
+    rig.flush()
+    assert fired(stopped) is None
+    assert service.reason == "stopped"
+    assert not rig.clock.getDelayedCalls()
+    rig.clock.advance(60.0)
+    rig.flush()
+    assert service.reconnects == 0
+    assert rig.net.hosts(path) == ["10.0.0.1"]
+    assert rig.etcd.members.current == 0, "stopping is no failure of the member"
+    assert not [e for e in logged if e.get("log_level") is not None
+                and e["log_level"].name in ("warn", "error", "critical")]
+
+
+def test_stop_from_the_update_callback_during_catch_up() -> None:
+    rig = make_rig()
+    rig.fake.put(b"/deployer/myorg/foo", b"x")
+    stopped: list[Deferred[None]] = []
+    service = rig.etcd.watch(lambda update: stopped.append(service.stopService()))
+    service.startService()
+    _STARTED.append(service)
+    rig.flush()
+    assert fired(stopped[0]) is None
+    assert not rig.fake.watches, "no watch is opened after the stop"
     assert not service.live
     assert not rig.clock.getDelayedCalls()
 

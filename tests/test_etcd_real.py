@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -388,6 +391,89 @@ async def test_record_fails_when_no_member_answers(etcd_prefix: str, clients: Cl
     message = str(failure.value)
     assert dead[0] in message and dead[1] in message
     assert "refused" in message.lower()
+
+
+@contextlib.contextmanager
+def silent_listener(connect_hangs: bool) -> Iterator[str]:
+    """The URL of a TCP port that never answers. The kernel completes the handshake of the
+    first connections, but nothing ever accepts them; with ``connect_hangs`` the accept queue is
+    filled first, so a new connection never completes."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        if connect_hangs:
+            for _ in range(3):
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(address)
+                fillers.append(filler)
+        yield f"http://127.0.0.1:{address[1]}"
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+
+
+@pytest.mark.parametrize("connect_hangs", [False, True], ids=["no-answer", "no-connect"])
+@pytest_twisted.ensureDeferred
+async def test_stop_while_the_member_never_answers(
+    connect_hangs: bool, etcd_prefix: str, clients: Clients
+) -> None:
+    """What SIGTERM does: stopService must fire at once, not back off and retry."""
+    with silent_listener(connect_hangs) as url:
+        reader = clients.etcd([url], etcd_prefix, dial_timeout=30.0)
+        watch = clients.watch(reader, Collector())
+        await deferLater(reactor, 0.3)
+        assert not watch.live
+        assert watch.reconnects == 0, "the first request is still waiting"
+        # A cancelled Deferred is "called" at once while it waits for another: watch the result.
+        stopped: list[object] = []
+        watch.stopService().addBoth(stopped.append)
+        await wait_for(lambda: bool(stopped), timeout=1.0, what="stopService to fire")
+        assert stopped == [None]
+        assert watch.reason == "stopped"
+        await deferLater(reactor, 0.3)
+        assert watch.reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_member_that_lost_its_leader_is_not_watched_silently(
+    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
+) -> None:
+    """The two other members freeze: the member in use has no leader any more. Its gateway would
+    keep a plain watch open and silent; the watch must end and say why."""
+    cluster = await in_thread(etcd_cluster, 3)
+    config = EtcdConfig(nodes=cluster.urls, prefix=etcd_prefix, dial_timeout=1.0,
+                        retry_delay=0.1)
+    reader = Etcd(reactor, config, max_backoff=1.0)
+    clients.etcds.append(reader)
+    got = Collector()
+    watch = clients.watch(reader, got)
+    await wait_for(lambda: watch.live)
+    assert reader.members.current == 0
+
+    frozen: list[int] = []
+    try:
+        for member in cluster.members[1:]:
+            assert member.process is not None
+            os.kill(member.process.pid, signal.SIGSTOP)
+            frozen.append(member.process.pid)
+        await wait_for(lambda: not watch.live, timeout=15, what="the leaderless watch to end")
+        # The reason stays until the next attempt fails: a frozen member times out after 1 s.
+        reason = watch.reason
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert reason.startswith(cluster.urls[0] + ": ")
+    assert "no leader" in reason
+
+    # Back to normal once the others wake up: nothing written meanwhile is lost.
+    await wait_for(lambda: watch.live, timeout=15, what="the watch to come back")
+    await in_thread(etcdctl, cluster.urls, "put", f"{etcd_prefix}/myorg/after", "x")
+    await wait_for(lambda: len(got.updates) == 1)
+    assert got.updates[0].pattern == "myorg/after"
 
 
 _FOOTPRINT = """
