@@ -236,3 +236,29 @@ def test_slack_and_the_report_hear_what_was_deployed(
         assert report["failures"] == []
     finally:
         recorder.close()
+
+
+def test_sigterm_ends_the_daemon_while_etcd_never_answers(
+    clean_dockerd: Dockerd, tmp_path: Path,
+) -> None:
+    """A member that accepts connections and never answers must not keep the daemon alive."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        port = silent.getsockname()[1]
+        daemon = Daemon(tmp_path, ["--docker", clean_dockerd.url, "--repull_period", "0",
+                                   "--etcd_nodes", f"http://127.0.0.1:{port}",
+                                   "--etcd_dial_timeout", "30s"])
+        daemon.start(healthy=False)
+        status, body = daemon.get("/healthz")
+        assert status == 503 and "etcd" in body["error"]
+        started = time.monotonic()
+        code = daemon.stop(timeout=10)
+        assert code in (0, -signal.SIGTERM), daemon.log()[-2000:]
+        assert time.monotonic() - started < 10
+        assert "Traceback" not in daemon.log()
+    finally:
+        silent.close()
