@@ -123,6 +123,7 @@ class WebhookApp:
     metrics: Metrics = attrs.field(factory=lambda: Metrics(process=False))
     github_secret: bytes | None = None
     seen: SeenEvents = attrs.field(factory=SeenEvents)
+    _writing: dict[str, _Shared] = attrs.field(init=False, factory=dict)
     app: Klein = attrs.field(init=False, factory=Klein)
 
     def __attrs_post_init__(self) -> None:
@@ -203,12 +204,35 @@ class WebhookApp:
         self._start(request, "registry")
         body = self._json_body(request, REGISTRY_CONTENT_TYPES)
         updates = parse_registry_events(body, self.clock.seconds())
-        fresh = [u for u in updates if u.event_id is None or u.event_id not in self.seen]
+        fresh: list[Update] = []
+        ids: set[str] = set()
+        earlier: list[Deferred[object]] = []
+        for update in updates:
+            event = update.event_id
+            if event is None:
+                fresh.append(update)
+            elif event in self.seen or event in ids:
+                continue
+            elif event in self._writing:
+                # A retry of an event whose write is still under way: its answer is that
+                # write's (the registry retries after 2 s; etcd may take longer).
+                earlier.append(self._writing[event].wait())
+            else:
+                ids.add(event)
+                fresh.append(update)
         if fresh:
-            await self._accept(fresh)
-            for update in fresh:
-                if update.event_id is not None:
-                    self.seen.first_time(update.event_id)
+            write = _Shared(Deferred.fromCoroutine(self._accept(fresh)))
+            for event in ids:
+                self._writing[event] = write
+            try:
+                await write.wait()
+            finally:
+                for event in ids:
+                    del self._writing[event]
+            for event in ids:
+                self.seen.first_time(event)
+        for d in earlier:
+            await d
         return json_body(request, 200, {
             **_accepted(fresh),
             "duplicates": len(updates) - len(fresh),
@@ -329,6 +353,38 @@ class WebhookApp:
             return
         context = f"{self.context} time={int(self.clock.seconds())}".strip()
         self.callbacks.send(url, state, description[:255], context[:100], self.public_url or "")
+
+
+class _Shared:
+    """One Deferred result that any number of waiters can observe, each with its own
+    Deferred."""
+
+    _unset = object()
+
+    def __init__(self, d: Deferred[Any]) -> None:
+        self._result: object = self._unset
+        self._waiters: list[Deferred[object]] = []
+        d.addBoth(self._fired)
+
+    def _fired(self, result: object) -> None:
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._deliver(waiter)
+
+    def _deliver(self, waiter: Deferred[object]) -> None:
+        if isinstance(self._result, Failure):
+            waiter.errback(self._result)
+        else:
+            waiter.callback(self._result)
+
+    def wait(self) -> Deferred[object]:
+        waiter: Deferred[object] = Deferred()
+        if self._result is self._unset:
+            self._waiters.append(waiter)
+        else:
+            self._deliver(waiter)
+        return waiter
 
 
 def _accepted(updates: Sequence[Update]) -> dict[str, Any]:

@@ -464,6 +464,45 @@ def test_registry_event_acted_on_once(front: Front) -> None:
     assert accepted(front.metrics(), "registry") == 2
 
 
+def _registry_send(front: Front) -> tuple[Deferred[Any], list[object]]:
+    d = front.send("POST", "/api/registry/events", json.dumps(registry_envelope()).encode(),
+                   {"Content-Type": REGISTRY_TYPE, **authorization()})
+    answered: list[object] = []
+
+    def record(result: object) -> object:
+        answered.append(result)
+        return result
+
+    d.addBoth(record)
+    front.stub.flush()
+    return d, answered
+
+
+@pytest.mark.parametrize("outcome", ["written", "failed"])
+def test_registry_retry_during_the_write_waits_for_it(front: Front, outcome: str) -> None:
+    """The registry retries after 2 s; a retry while the first write still waits for etcd is
+    answered with that write's outcome, and the event is written once."""
+    front.sink.hang = True
+    first, first_answered = _registry_send(front)
+    retry, retry_answered = _registry_send(front)
+    assert len(front.sink.batches) == 1
+    assert first_answered == retry_answered == []
+    if outcome == "written":
+        front.sink.pending[0].callback("Queued")
+    else:
+        front.sink.pending[0].errback(EtcdUnavailable("etcd gave up"))
+    front.stub.flush()
+    a, b = front.answer(first), front.answer(retry)
+    assert len(front.sink.batches) == 1
+    if outcome == "written":
+        assert (a.code, b.code) == (200, 200)
+        assert b.json()["duplicates"] == 1
+        assert "d065ce33-7e74-4c63-8e3d-ea53322590cc" in front.app.seen
+    else:
+        assert (a.code, b.code) == (503, 503)
+        assert "d065ce33-7e74-4c63-8e3d-ea53322590cc" not in front.app.seen
+
+
 def test_registry_retry_after_etcd_failure_is_accepted(front: Front) -> None:
     front.sink.failure = EtcdUnavailable("no etcd member answered within 5 s")
     answer = front.post("/api/registry/events", registry_envelope(), REGISTRY_TYPE)
