@@ -46,6 +46,7 @@ from deployer.formats import (
 )
 from deployer.model import Update
 from deployer.reference import check_digest, check_tag, parse_name
+from tests.mutations import paths, replaced
 
 SAMPLES = Path(__file__).parent / "samples"
 NOW = 1700000000.0
@@ -824,24 +825,6 @@ interesting_strings = st.sampled_from(
         "sha256:", "..", "/x", "a" * 300, "ghcr.io", "\x00", "é",
     ]
 ) | st.text(max_size=12)
-
-
-def paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield prefix
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield from paths(child, (*prefix, key))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            yield from paths(child, (*prefix, index))
-
-
-def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    value = copy.copy(value)
-    value[path[0]] = replaced(value[path[0]], path[1:], new)
-    return value
 
 
 mutants = st.recursive(

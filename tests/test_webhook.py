@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import json
 from base64 import b64encode
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -48,6 +48,7 @@ from deployer.webhook import (
     WebhookSite,
     mask_query,
 )
+from tests.mutations import paths, replaced
 
 SAMPLES = Path(__file__).parent / "samples"
 TOKEN = "tok-5e3c8a1f"
@@ -464,9 +465,11 @@ def test_registry_event_acted_on_once(front: Front) -> None:
     assert accepted(front.metrics(), "registry") == 2
 
 
-def _registry_send(front: Front) -> tuple[Deferred[Any], list[object]]:
-    d = front.send("POST", "/api/registry/events", json.dumps(registry_envelope()).encode(),
-                   {"Content-Type": REGISTRY_TYPE, **authorization()})
+def sent(front: Front, path: str, obj: Any, content_type: str) -> tuple[Deferred[Any],
+                                                                         list[object]]:
+    """POST without waiting for the answer; the list gets the answer once there is one."""
+    d = front.send("POST", path, json.dumps(obj).encode(),
+                   {"Content-Type": content_type, **authorization()})
     answered: list[object] = []
 
     def record(result: object) -> object:
@@ -483,8 +486,8 @@ def test_registry_retry_during_the_write_waits_for_it(front: Front, outcome: str
     """The registry retries after 2 s; a retry while the first write still waits for etcd is
     answered with that write's outcome, and the event is written once."""
     front.sink.hang = True
-    first, first_answered = _registry_send(front)
-    retry, retry_answered = _registry_send(front)
+    first, first_answered = sent(front, "/api/registry/events", registry_envelope(), REGISTRY_TYPE)
+    retry, retry_answered = sent(front, "/api/registry/events", registry_envelope(), REGISTRY_TYPE)
     assert len(front.sink.batches) == 1
     assert first_answered == retry_answered == []
     if outcome == "written":
@@ -914,16 +917,7 @@ def test_custom_webhook_path() -> None:
 
 def test_harbor_answers_pending_when_the_sink_is_slow(front: Front) -> None:
     front.sink.hang = True
-    d = front.send("POST", "/api/harbor/events", json.dumps(harbor()).encode(),
-                   {"Content-Type": "application/json", **authorization()})
-    answered: list[object] = []
-
-    def record(result: object) -> object:
-        answered.append(result)
-        return result
-
-    d.addBoth(record)
-    front.stub.flush()
+    d, answered = sent(front, "/api/harbor/events", harbor(), "application/json")
     front.clock.advance(HARBOR_ANSWER_WITHIN - 0.1)
     front.stub.flush()
     assert answered == []
@@ -1335,28 +1329,10 @@ json_values = st.recursive(
 )
 
 
-def paths_in(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield prefix
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield from paths_in(child, (*prefix, key))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            yield from paths_in(child, (*prefix, index))
-
-
-def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    value = copy.copy(value)
-    value[path[0]] = replaced(value[path[0]], path[1:], new)
-    return value
-
-
 @st.composite
 def mutated_payloads(draw: st.DrawFn) -> bytes:
     good = draw(st.sampled_from(GOOD_BODIES))()
-    where = draw(st.sampled_from(list(paths_in(good))))
+    where = draw(st.sampled_from(list(paths(good))))
     return json.dumps(replaced(good, where, draw(json_values))).encode()
 
 
