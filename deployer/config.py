@@ -10,13 +10,15 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
 
 from deployer.auth import load_token
-from deployer.docker import engine_endpoint
+from deployer.docker import parse_engine_url
 from deployer.dockercfg import Credentials, load_credentials
 from deployer.errors import ConfigError
 from deployer.notify import check_config_url
+
+#: Stands in for the reactor when a listen description is only parsed.
+_PARSING_ONLY: Any = object()
 
 TOKEN_HELP = (
     "webhooks need a token: set --webhook_token TOKEN, --webhook_token_file FILE or the"
@@ -119,16 +121,16 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     def endpoint(name: str) -> str:
         try:
             description = listen_endpoint(str(opts[name]))
-            # Parsed (not listened on) with a reactor that only records, so that a bad
-            # description is a usage error now rather than a traceback at start.
-            serverFromString(MemoryReactor(), description)
+            # Parsed, never listened on (so no reactor is needed yet): a bad description is
+            # a usage error now rather than a traceback at start.
+            serverFromString(_PARSING_ONLY, description)
         except Exception as e:
             raise ConfigError(f"--{name} {opts[name]!r}: {e}") from e
         return description
 
     docker = opts.get("docker") or environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
-        engine_endpoint(MemoryReactor(), docker)
+        parse_engine_url(docker)
     except ValueError as e:
         raise ConfigError(
             f"--docker {docker!r}: {e}; use unix:///path/to/docker.sock or tcp://host:port"

@@ -122,14 +122,24 @@ class _FixedEndpoint:
         return self.endpoint
 
 
-def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
-    """``unix:///path`` or ``tcp://host:port`` (the forms of ``-docker`` and DOCKER_HOST)."""
+@attrs.frozen
+class EngineAddress:
+    """Where the engine listens: a unix socket ``path``, or ``host`` and ``port``."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int = 2375
+
+
+def parse_engine_url(url: str) -> EngineAddress:
+    """``unix:///path`` or ``tcp://host:port`` (the forms of ``-docker`` and DOCKER_HOST);
+    :class:`ValueError` says what is wrong with anything else."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
         path = parts.path or parts.netloc
         if not path:
             raise ValueError(f"no socket path in {url!r}")
-        return UNIXClientEndpoint(reactor, path, timeout=10)
+        return EngineAddress(path=path)
     if parts.scheme in ("tcp", "http"):
         if not parts.hostname:
             raise ValueError(f"no host in {url!r}")
@@ -137,8 +147,16 @@ def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
             port = parts.port or 2375
         except ValueError as e:
             raise ValueError(f"bad port in {url!r}: {e}") from None
-        return HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
+        return EngineAddress(host=parts.hostname, port=port)
     raise ValueError(f"unsupported Docker endpoint {url!r}: use unix:///path or tcp://host:port")
+
+
+def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
+    address = parse_engine_url(url)
+    if address.path is not None:
+        return UNIXClientEndpoint(reactor, address.path, timeout=10)
+    assert address.host is not None
+    return HostnameEndpoint(reactor, address.host, address.port, timeout=10)
 
 
 def engine_pool(reactor: Any) -> HTTPConnectionPool:
