@@ -44,6 +44,7 @@ from deployer.etcd import (
 )
 from deployer.model import Update
 from deployer.reference import parse_reference
+from tests.helpers import fired
 
 
 def b64(data: bytes) -> str:
@@ -544,15 +545,6 @@ def make_rig(hosts: tuple[str, ...] = HOSTS[:1], **kw: Any) -> Rig:
     http = HTTPClient(net, data_to_body_producer=SyncProducer)
     etcd = Etcd(clock, config, http=http, rng=random.Random(7), **kw)
     return Rig(clock, fake, net, etcd)
-
-
-def fired(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, f"{d} has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def u(name: str, **kw: Any) -> Update:

@@ -45,8 +45,7 @@ from deployer.formats import (
     parse_registry_events,
 )
 from deployer.model import Update
-from deployer.reference import check_digest, check_tag, parse_name
-from tests.mutations import paths, replaced
+from tests.helpers import assert_valid, paths, replaced
 
 SAMPLES = Path(__file__).parent / "samples"
 NOW = 1700000000.0
@@ -56,19 +55,6 @@ OTHER_DIGEST = "sha256:" + "cd" * 32
 
 def sample(name: str) -> Any:
     return json.loads((SAMPLES / name).read_text())
-
-
-def assert_valid(update: Update) -> None:
-    """What every Update that leaves a parser must be."""
-    assert isinstance(update, Update)
-    for text in (update.name, update.tag or "x", update.digest or "x"):
-        assert text.isascii() and text.isprintable() and " " not in text
-    assert update.repository != "*"
-    assert parse_name(update.name) == (update.registry, update.repository)
-    if update.tag is not None:
-        assert check_tag(update.tag) == update.tag
-    if update.digest is not None:
-        assert check_digest(update.digest) == update.digest
 
 
 # -- decode_json ----------------------------------------------------------------------------------

@@ -12,24 +12,14 @@ import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from deployer.docker import DockerClient
 from deployer.errors import DockerError, PullFailed
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
+from tests.helpers import fired
 from tests.stack.docker_stack import Dockerd, ImageBuilder, Registry, run_container, unique
 
 REPO = "registry.test:5000/myorg/foo"
-
-
-def _result(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that has fired (the double answers synchronously)."""
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "the Deferred has not fired"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 class Raw:
@@ -41,9 +31,9 @@ class Raw:
     def __call__(
         self, method: str, path: str, headers: dict[bytes | str, bytes | str] | None = None
     ) -> tuple[int, dict[str, list[str]], bytes]:
-        response = _result(self.http.request(method, "http://docker" + path,
-                                             headers=headers or {}))
-        body = _result(response.content())
+        response = fired(self.http.request(method, "http://docker" + path,
+                                           headers=headers or {}))
+        body = fired(response.content())
         return response.code, {k.decode().lower(): [v.decode() for v in vs]
                                for k, vs in response.headers.getAllRawHeaders()}, body
 

@@ -17,13 +17,13 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.python.failure import Failure
 
 from deployer.docker import DockerClient, looks_like_id
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport, Stopped
 from deployer.reference import parse_reference
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
+from tests.helpers import fired
 
 REG = "registry.test:5000"
 FOO = f"{REG}/myorg/foo"
@@ -33,16 +33,6 @@ KILL_TIMEOUT = 7
 PULL = "/images/create"
 STOP = "/containers/{id}/stop"
 INSPECT = "/containers/{id}/json"
-
-
-def fired(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that must have fired already."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 class Host:

@@ -39,7 +39,6 @@ from deployer.auth import TokenAuth
 from deployer.errors import EtcdUnavailable
 from deployer.formats import MAX_DEPTH
 from deployer.model import Update
-from deployer.reference import check_digest, check_tag, parse_name
 from deployer.webhook import (
     HARBOR_ANSWER_WITHIN,
     MAX_BODY,
@@ -48,7 +47,7 @@ from deployer.webhook import (
     WebhookSite,
     mask_query,
 )
-from tests.mutations import paths, replaced
+from tests.helpers import assert_valid, paths, replaced
 
 SAMPLES = Path(__file__).parent / "samples"
 TOKEN = "tok-5e3c8a1f"
@@ -364,18 +363,6 @@ def post_good(front: Front, name: str) -> Answer:
     if name == "github":
         return front.github(endpoint.good())
     return front.post(endpoint.path, endpoint.good(), endpoint.content_type)
-
-
-def assert_valid(update: Update) -> None:
-    """What every update that reaches the sink must be."""
-    for text in (update.name, update.tag or "x", update.digest or "x"):
-        assert text.isascii() and text.isprintable() and " " not in text
-    assert update.repository != "*"
-    assert parse_name(update.name) == (update.registry, update.repository)
-    if update.tag is not None:
-        assert check_tag(update.tag) == update.tag
-    if update.digest is not None:
-        assert check_digest(update.digest) == update.digest
 
 
 # -- each endpoint, with a good payload -----------------------------------------------------------
