@@ -48,7 +48,16 @@ class PullFailed(DockerError):
     """A pull ended in an error, possibly after the engine had answered 200."""
 
 
-class EtcdUnavailable(DeployerError):
+class TimedOut(DeployerError, TimeoutError):
+    """Work that was given up on after its time limit (see :mod:`deployer.timeouts`). It is a
+    ``TimeoutError`` too, so code that expects the builtin keeps working."""
+
+
+class EtcdError(DeployerError):
+    """Base of etcd's errors."""
+
+
+class EtcdUnavailable(EtcdError):
     """No etcd member answered in time."""
 
 

@@ -290,8 +290,7 @@ def _from_value(bare: Update, value: bytes) -> Update | None:
             return None
     if bare.digest is not None and digest not in (None, bare.digest):
         return None
-    return attrs.evolve(
-        bare,
+    return bare.evolve(
         source=source,
         received=received,
         digest=digest if digest is not None else bare.digest,
