@@ -246,10 +246,12 @@ class EngineEvents(Service):
             since = since_param(self.last_time_nano) if self.last_time_nano else ""
             try:
                 response = await self._engine.events(self._filters, since)
-                if not self.running:
-                    return
                 reader = JSONLinesReader(self._message, strict=False, what="docker events")
                 response.deliverBody(reader)
+                if not self.running:  # stopped while the engine answered: close it again
+                    reader.done.cancel()
+                    reader.done.addErrback(lambda _: None)
+                    return
                 self.live, self.reason = True, ""
                 failures = 0
                 log.info("following the container events of {what}{since}", what=self.what,

@@ -400,3 +400,23 @@ def test_stop_while_the_request_is_in_flight() -> None:
 def test_stop_before_start() -> None:
     events = service(Clock(), Engine())
     assert fired(events.stopService()) is None
+
+
+def test_an_answer_that_arrives_as_the_service_stops_is_closed() -> None:
+    """The engine's answer wins the race with the cancellation of its request."""
+    clock, stream = Clock(), Stream()
+
+    class Racing(Engine):
+        def events(self, filters: Mapping[str, list[str]], since: str = "") -> Any:
+            self.calls.append((dict(filters), since))
+            return Deferred(lambda d: d.callback(Response(stream)))
+
+    engine = Racing()
+    events = service(clock, engine)
+    seen = Recorder()
+    events.subscribe(seen.on_event, seen.on_resync)
+    events.startService()
+    fired(events.stopService())
+    assert stream.transport.stopped
+    assert seen.resyncs == 0
+    assert not events.live
