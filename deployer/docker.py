@@ -455,7 +455,8 @@ class DockerClient:
         query = {"filters": json.dumps(dict(filters)), **({"since": since} if since else {})}
         url = f"{self.base}/v{await self.version()}/events?{urlencode(query)}"
         try:
-            response: IResponse = await self.http.request("GET", url, unbuffered=True)
+            response: IResponse = await self.http.request(
+                "GET", url, unbuffered=True, timeout=self.request_timeout)
         except _CONNECTION_ERRORS as e:
             self._version = None
             raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
@@ -469,7 +470,8 @@ class DockerClient:
 
     async def start(self, container_id: str) -> None:
         """Start a container; one that runs already is fine (304)."""
-        await self._typed(ContainerNotFound, "POST", f"/containers/{quote(container_id)}/start")
+        path = f"/containers/{quote(container_id, safe='')}/start"
+        await self._typed(ContainerNotFound, "POST", path)
 
     async def image_has_healthcheck(self, image: str) -> bool:
         obj = await self._typed(ImageNotFound, "GET", f"/images/{quote(image, safe='/:@')}/json")
