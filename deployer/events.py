@@ -167,7 +167,7 @@ class _Subscriber:
     on_resync: Callable[[], object] | None
 
     def cancel(self) -> None:
-        self.source._subscribers.discard(self)
+        self.source._subscribers.pop(self, None)
 
 
 class EngineEvents(Service):
@@ -194,7 +194,7 @@ class EngineEvents(Service):
         if actions is not None:
             self._filters["event"] = list(actions)
         self.what = what
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: dict[_Subscriber, None] = {}  # in the order they came
         self._loop: Deferred[None] | None = None
         self._at_last: set[tuple[str, str]] = set()
         self.last_time_nano = 0
@@ -210,7 +210,7 @@ class EngineEvents(Service):
         on_resync: Callable[[], object] | None = None,
     ) -> Subscription:
         subscriber = _Subscriber(self, on_event, on_resync)
-        self._subscribers.add(subscriber)
+        self._subscribers[subscriber] = None
         return subscriber
 
     @property
