@@ -447,6 +447,43 @@ class DockerClient:
         except NotFound as e:
             raise ContainerNotFound(e.message, e.status) from e
 
+    # -- rollouts -------------------------------------------------------------------------------
+
+    async def events(self, filters: Mapping[str, list[str]], since: str = "") -> IResponse:
+        """``GET /events`` (``since``: ``seconds.nanos``); read the body's JSON lines with
+        ``deliverBody``. Unbuffered: treq would otherwise keep every event of the stream."""
+        query = {"filters": json.dumps(dict(filters)), **({"since": since} if since else {})}
+        url = f"{self.base}/v{await self.version()}/events?{urlencode(query)}"
+        try:
+            response: IResponse = await self.http.request(
+                "GET", url, unbuffered=True, timeout=self.request_timeout)
+        except _CONNECTION_ERRORS as e:
+            self._version = None
+            raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
+        if response.code != 200:
+            raise _error(response.code, await self._body(response), "/events")
+        return response
+
+    async def tag(self, image: str, repository: str, tag: str) -> None:
+        await self._typed(ImageNotFound, "POST", f"/images/{quote(image, safe='/:@')}/tag",
+                          params={"repo": repository, "tag": tag})
+
+    async def start(self, container_id: str) -> None:
+        """Start a container; one that runs already is fine (304)."""
+        path = f"/containers/{quote(container_id, safe='')}/start"
+        await self._typed(ContainerNotFound, "POST", path)
+
+    async def image_has_healthcheck(self, image: str) -> bool:
+        obj = await self._typed(ImageNotFound, "GET", f"/images/{quote(image, safe='/:@')}/json")
+        test = ((obj.get("Config") or {}).get("Healthcheck") or {}).get("Test")
+        return bool(test) and test != ["NONE"]
+
+    async def _typed(self, error: type[NotFound], method: str, path: str, **kw: Any) -> Any:
+        try:
+            return await self._json(method, path, **kw)
+        except NotFound as e:
+            raise error(e.message, e.status) from e
+
 
 async def _nothing() -> None:
     return None
