@@ -28,6 +28,7 @@ from tests.stack.etcd_stack import (
     current_revision,
     etcdctl,
     free_port,
+    wait_for,
 )
 
 pytestmark = pytest.mark.real
@@ -82,15 +83,6 @@ async def clients() -> Any:
     c = Clients()
     yield c
     await c.close()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await deferLater(reactor, 0.02)
-        waited += 0.02
 
 
 def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
