@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
 from deployer.backoff import backoff
-from deployer.errors import EtcdUnavailable
+from deployer.errors import EtcdHTTPError, EtcdUnavailable
 from deployer.etcd.watch import MIN_RETRY_DELAY, WATCH_IDLE_TIMEOUT
 from deployer.model import Update
 from tests.helpers import fired
@@ -573,3 +573,61 @@ def test_close_waits_for_writes_in_flight() -> None:
     rig.flush()
     assert fired(d) == 2
     assert closed.called
+
+
+# -- plain requests ---------------------------------------------------------------------------
+
+
+def test_request_fails_over_and_stays_on_the_member_that_answered() -> None:
+    rig = make_rig(HOSTS)
+    rig.net.down = {"10.0.0.1"}
+    body = {"key": "L2RlcGxveWVyL3g="}
+    d = rig.etcd.request("/v3/kv/range", body)
+    rig.flush()
+    assert "header" in fired(d)
+    assert rig.net.hosts("/v3/kv/range") == ["10.0.0.1", "10.0.0.2"]
+    assert rig.etcd.members.current == 1
+    fired(rig.etcd.request("/v3/kv/range", body))
+    assert rig.net.hosts("/v3/kv/range")[2:] == ["10.0.0.2"]
+
+
+def test_request_fails_when_no_member_answers_in_time() -> None:
+    rig = make_rig(HOSTS[:2])
+    rig.fake.freeze("10.0.0.1")
+    rig.fake.freeze("10.0.0.2")
+    d = rig.etcd.request("/v3/lease/grant", {"TTL": 5})
+    rig.advance(9.9)
+    assert not d.called
+    rig.advance(0.2)
+    with pytest.raises(EtcdUnavailable) as info:
+        fired(d)
+    assert str(info.value) == (
+        "no etcd member answered /v3/lease/grant within 5s each:"
+        " http://10.0.0.1:2379: timed out after 5s; http://10.0.0.2:2379: timed out after 5s"
+    )
+
+
+def test_a_request_etcd_refuses_is_raised_at_once() -> None:
+    rig = make_rig(HOSTS[:2])
+    d = rig.etcd.request("/v3/lease/revoke", {"ID": 42})
+    rig.flush()
+    with pytest.raises(EtcdHTTPError) as info:
+        fired(d)
+    assert (info.value.status, info.value.code) == (404, 5)
+    assert rig.net.hosts("/v3/lease/revoke") == ["10.0.0.1"], "no other member is asked"
+    assert rig.etcd.members.current == 0
+
+
+@pytest.mark.parametrize("error", [response_never_received, connecting_cancelled])
+def test_a_cancelled_request_is_no_failure_of_the_member(
+    error: Callable[[str], Exception]
+) -> None:
+    rig = make_rig(HOSTS[:2])
+    rig.net.hang["/v3/kv/txn"] = error
+    d = rig.etcd.request("/v3/kv/txn", {})
+    d.cancel()
+    rig.flush()
+    with pytest.raises(CancelledError):
+        fired(d)
+    assert rig.net.hosts("/v3/kv/txn") == ["10.0.0.1"]
+    assert rig.etcd.members.current == 0
