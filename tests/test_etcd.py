@@ -162,8 +162,9 @@ def test_a_member_that_does_not_answer_times_out() -> None:
     rig.flush()
     with pytest.raises(EtcdUnavailable) as info:
         fired(d)
-    assert "http://10.0.0.2:2379: timed out after 5s; http://10.0.0.1:2379: timed out" in str(
-        info.value
+    assert str(info.value) == (
+        "no etcd member acknowledged the write within 10s:"
+        " http://10.0.0.2:2379: timed out after 5s; http://10.0.0.1:2379: no answer within 5s"
     )
 
 
