@@ -2,8 +2,9 @@
 
 It ties the parts of :mod:`deployer.etcd` together for one ``--etcd_prefix``: the key layout
 (:mod:`~deployer.etcd.layout`), the gateway client with member failover
-(:mod:`~deployer.etcd.client`), group commit (:mod:`~deployer.etcd.commit`) and the watch
-(:mod:`~deployer.etcd.watch`).
+(:mod:`~deployer.etcd.client`), group commit (:mod:`~deployer.etcd.commit`), and the watch
+(:mod:`~deployer.etcd.watch`) with the liveness check of the member in use
+(:mod:`~deployer.etcd.liveness`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from deployer.etcd.client import Gateway
 from deployer.etcd.commit import MAX_TXN_OPS, GroupCommit
 from deployer.etcd.config import EtcdConfig
 from deployer.etcd.layout import KeyLayout
+from deployer.etcd.liveness import MemberProbe
 from deployer.etcd.members import Members
 from deployer.etcd.watch import MAX_BACKOFF, WatchService, read_all
 from deployer.model import Update
@@ -80,8 +82,9 @@ class Etcd:
     def watch(self, on_update: Callable[[Update], object]) -> WatchService:
         """A service that delivers every recorded update to ``on_update`` (see
         :class:`~deployer.etcd.watch.WatchService`)."""
+        probe = MemberProbe(self.reactor, self.gateway, self.layout.root)
         return WatchService(self.reactor, self.gateway, self.layout, self.config, on_update,
-                            rng=self.rng, max_backoff=self.max_backoff)
+                            rng=self.rng, max_backoff=self.max_backoff, probe=probe)
 
     async def close(self) -> None:
         """Wait for the writes in progress, then close the pool's connections."""

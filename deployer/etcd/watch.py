@@ -12,8 +12,16 @@ the service reads everything again and delivers every key once more (a full resy
 It watches the member in use, and retries forever after a backoff (``retry_delay`` doubled per
 failure, capped at :data:`MAX_BACKOFF`, with jitter, and never shorter than
 :data:`MIN_RETRY_DELAY`), on the next member. Reads are serializable (served by the member
-itself) unless ``--strong_consistency`` asks for linearizable ones. A stream silent for
-:data:`WATCH_IDLE_TIMEOUT` is presumed dead.
+itself) unless ``--strong_consistency`` asks for linearizable ones.
+
+:attr:`WatchService.live` is True while a stream is established, and :attr:`~WatchService.reason`
+says why not (``/healthz`` answers 503 with it). A member that stops answering while the stream
+is established (stopped, swapping, behind a black-holing network) sends nothing, and nothing
+fails: the service's :class:`~deployer.etcd.liveness.MemberProbe` checks that member every
+couple of seconds, and when it fails the stream is ended (``live`` turns False, with the
+reason) and the watch fails over, within ``2 x dial_timeout`` of the member's last answer. While
+no member answers, each attempt fails within ``dial_timeout`` and ``live`` stays False. A stream
+silent for :data:`WATCH_IDLE_TIMEOUT` is presumed dead, whatever the check says.
 """
 
 from __future__ import annotations
@@ -23,18 +31,19 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deployer.backoff import backoff
-from deployer.errors import Compacted, TimedOut, WatchCanceled
+from deployer.errors import Compacted, EtcdUnavailable, TimedOut, WatchCanceled
 from deployer.etcd._txaioetcd import Header, KeyValue, Range
 from deployer.etcd.client import EXPECTED_FAILURES, Gateway, describe
 from deployer.etcd.config import EtcdConfig
 from deployer.etcd.layout import InvalidKey, KeyLayout
+from deployer.etcd.liveness import MemberProbe
 from deployer.lines import JSONLinesReader
 from deployer.model import Update
 
@@ -87,6 +96,7 @@ class WatchService(Service):
         *,
         rng: random.Random,
         max_backoff: float = MAX_BACKOFF,
+        probe: MemberProbe | None = None,
     ) -> None:
         self._reactor = reactor
         self._gateway = gateway
@@ -99,6 +109,10 @@ class WatchService(Service):
         self._failures = 0
         self._url = ""
         self._quiet: IDelayedCall | None = None
+        self._reader: JSONLinesReader | None = None
+        self.probe = probe
+        if probe is not None:
+            probe.listeners.append(self._member_failed)
         self.revision = 0  # the last revision processed; the watch resumes after it
         self.live = False
         self.reason = "not started"
@@ -108,6 +122,8 @@ class WatchService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.probe is not None:  # first: the loop may stop the service before it returns
+            self.probe.start(active=lambda: self.live)
         self._loop = Deferred.fromCoroutine(self._run())
         self._loop.addErrback(self._ended)
 
@@ -115,11 +131,21 @@ class WatchService(Service):
         super().stopService()
         self.live = False
         self.reason = "stopped"
+        stopped = [self.probe.stop()] if self.probe is not None else []
         loop, self._loop = self._loop, None
-        if loop is None:
+        if loop is not None:
+            loop.cancel()
+            stopped.append(loop)
+        if not stopped:
             return succeed(None)
-        loop.cancel()
-        return loop
+        done = DeferredList(stopped, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    def _member_failed(self, url: str, why: str) -> None:
+        """The liveness check found ``url`` not answering: end the stream on it, if any."""
+        reader = self._reader
+        if reader is not None and self._url == url and not reader.done.called:
+            reader.fail(EtcdUnavailable(f"no answer to the liveness check: {why}"))
 
     def _ended(self, failure: Failure) -> None:
         if not failure.check(CancelledError):
@@ -208,6 +234,7 @@ class WatchService(Service):
             self._config.dial_timeout, self._too_quiet, reader
         )
         self._url = url
+        self._reader = reader
         create = self._layout.watched()._marshal()
         create["start_revision"] = self.revision + 1
         create["progress_notify"] = True
@@ -215,6 +242,7 @@ class WatchService(Service):
             await self._gateway.open_stream(url, "/v3/watch", {"create_request": create}, reader)
             await reader.done
         finally:
+            self._reader = None
             if self._quiet.active():
                 self._quiet.cancel()
             self._quiet = None

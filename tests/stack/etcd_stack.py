@@ -178,6 +178,17 @@ class EtcdMember:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the member keeps its port (the kernel still accepts connections) and answers
+        nothing, as a hung or swapping host does."""
+        assert self.process is not None and self.process.poll() is None, f"{self.name} is down"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: undo :meth:`freeze`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -226,7 +237,28 @@ class EtcdCluster:
 
     def stop(self) -> None:
         for member in self.members:
+            member.thaw()  # a stopped process would not handle SIGTERM
             member.stop()
+
+    @contextlib.contextmanager
+    def frozen(self, *members: EtcdMember) -> Iterator[None]:
+        """``members`` stopped with SIGSTOP for the block; continued after it, whatever
+        happens."""
+        try:
+            for member in members:
+                member.freeze()
+            yield
+        finally:
+            for member in members:
+                member.thaw()
+
+    def leader_first_follower(self) -> tuple[int, int]:
+        """The indexes of the leader and of the first member that is not the leader."""
+        status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
+        by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
+        ids = [by_url[url] for url in self.urls]
+        leader = ids.index(status[0]["Status"]["leader"])
+        return leader, next(i for i in range(len(ids)) if i != leader)
 
 
 class TCPProxy:
