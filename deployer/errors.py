@@ -61,6 +61,35 @@ class EtcdUnavailable(EtcdError):
     """No etcd member answered in time."""
 
 
+class EtcdHTTPError(EtcdError):
+    """An etcd member answered a request with an HTTP error; ``code`` is etcd's (gRPC) code,
+    ``status`` the HTTP status."""
+
+    def __init__(self, url: str, status: int, code: int | None, message: str) -> None:
+        super().__init__(f"{url} answered HTTP {status}: {message}")
+        self.url = url
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def member_failed(self) -> bool:
+        """True when the member itself is at fault (5xx), not the request (4xx)."""
+        return self.status >= 500
+
+
+class WatchCanceled(EtcdError):
+    """etcd ended a watch, or sent an error on the watch stream."""
+
+
+class Compacted(EtcdError):
+    """The revision a watch asked for was compacted away."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (compact_revision {compact_revision})")
+        self.compact_revision = compact_revision
+
+
 class BadWebhook(DeployerError):
     """A webhook request that is refused; ``code`` is the HTTP status to answer with."""
 

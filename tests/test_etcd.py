@@ -1,524 +1,39 @@
-"""Fast tests of deployer.etcd: key layout, the watch stream reader, group commit, failover and
-backoff, resume and resync, against an in-memory etcd gateway driven through the real HTTP
-client code (treq over RequestTraversalAgent) with a Clock."""
+"""Fast tests of deployer.etcd: group commit, failover and backoff, the watch's resume and
+resync, against the in-memory etcd gateway (deployer.testing.fake_etcd) driven through the real
+HTTP client code (treq over RequestTraversalAgent) with a Clock."""
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import attrs
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectingCancelledError, ConnectionLost, ConnectionRefusedError
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import URI, ResponseDone, ResponseNeverReceived
-from twisted.web.iweb import IAgent, IBodyProducer
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
+from twisted.web.client import ResponseNeverReceived
 
-from deployer.errors import EtcdUnavailable
-from deployer.etcd import (
-    MIN_RETRY_DELAY,
-    WATCH_IDLE_TIMEOUT,
-    Backoff,
-    Etcd,
-    EtcdConfig,
-    InvalidKey,
-    JSONLinesReader,
-    KeyLayout,
-    WatchService,
-)
+from deployer.backoff import backoff
+from deployer.errors import EtcdHTTPError, EtcdUnavailable
+from deployer.etcd.watch import MIN_RETRY_DELAY, WATCH_IDLE_TIMEOUT
 from deployer.model import Update
-from deployer.reference import parse_reference
 from tests.helpers import fired
+from tests.stack.etcd_stack import FAKE_HOSTS as HOSTS
+from tests.stack.etcd_stack import Rig
+from tests.stack.etcd_stack import make_rig as _make_rig
 
+_RIGS: list[Rig] = []
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-# -- key layout -------------------------------------------------------------------------------
-
-UPDATES = [
-    Update(repository="myorg/foo", source="webhook", received=1.5),
-    Update(repository="busybox", tag="latest", source="dockerhub", received=2.0, event_id="e1"),
-    Update(repository="myorg/foo", registry="127.0.0.1:5000", tag="qa",
-           digest="sha256:" + "0123456789abcdef" * 4, source="registry", received=3.25,
-           event_id="5a0c"),
-    Update(repository="*", source="repull", received=4.0),
-]
-
-
-@pytest.mark.parametrize("update", UPDATES, ids=lambda u: u.pattern)
-def test_key_and_value_round_trip(update: Update) -> None:
-    layout = KeyLayout("/deployer")
-    key = layout.key(update)
-    assert key == b"/deployer/" + update.pattern.encode()
-    assert layout.decode(key, layout.value(update), now=99.0) == update
-    value = json.loads(layout.value(update))
-    assert set(value) == {"repository", "registry", "tag", "digest", "source", "received",
-                          "event_id"}
-
-
-path_component = st.from_regex(r"[a-z0-9]{1,8}([._-][a-z0-9]{1,8})?", fullmatch=True)
-
-
-@given(
-    path=st.lists(path_component, min_size=1, max_size=3).map("/".join),
-    registry=st.none() | st.sampled_from(["127.0.0.1:5000", "registry.example.com", "localhost"]),
-    tag=st.none() | st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True),
-    received=st.floats(min_value=0, max_value=4e9, allow_nan=False),
-    event_id=st.none() | st.text(max_size=20),
-)
-def test_round_trip_any_valid_update(
-    path: str, registry: str | None, tag: str | None, received: float, event_id: str | None
-) -> None:
-    # The familiar form is what the engine lists; take it from the reference grammar.
-    ref = parse_reference(f"{registry}/{path}" if registry else path)
-    update = Update(repository=ref.path, registry=ref.host, tag=tag, source="webhook",
-                    received=received, event_id=event_id)
-    layout = KeyLayout("/deployer")
-    assert layout.decode(layout.key(update), layout.value(update), now=0.0) == update
-
-
-def test_trailing_slash_in_prefix() -> None:
-    layout = KeyLayout("/deployer//")
-    assert layout.prefix == "/deployer"
-    assert layout.key(UPDATES[0]) == b"/deployer/myorg/foo"
-    watched = layout.watched()._marshal()
-    assert unb64(watched["key"]) == b"/deployer/"
-    assert unb64(watched["range_end"]) == b"/deployer0"  # '/' + 1: nothing of /deployer2/...
-
-
-ODD_RECEIVED = [
-    b'{"repository": "myorg/foo", "registry": null, "tag": "qa", "source": "x", "received": %s}'
-    % raw
-    for raw in (b"1e999", b"1" + b"0" * 400, b"NaN", b"true", b'"soon"')
-]
-
-
-@pytest.mark.parametrize("value", [b"anything", b"", b"1700000000", b"[1, 2]", b'{"x": 1}',
-                                   b"\xff\xfe", b"[" * 100_000, *ODD_RECEIVED])
-def test_operator_values_trigger_from_the_key(value: bytes) -> None:
-    update = KeyLayout("/deployer").decode(b"/deployer/myorg/foo:qa", value, now=42.0)
-    assert update == Update(repository="myorg/foo", tag="qa", source="etcd", received=42.0)
-
-
-def test_a_value_describing_another_repository_is_not_trusted() -> None:
-    layout = KeyLayout("/deployer")
-    other = layout.value(Update(repository="myorg/other", source="webhook", received=1.0))
-    assert layout.decode(b"/deployer/myorg/foo", other, now=5.0) == Update(
-        repository="myorg/foo", source="etcd", received=5.0
-    )
-    bad_digest = json.dumps({"repository": "myorg/foo", "registry": None, "tag": None,
-                             "digest": "nope", "source": "x", "received": 1}).encode()
-    assert layout.decode(b"/deployer/myorg/foo", bad_digest, now=5.0).source == "etcd"
-
-
-def test_a_digest_in_the_key_is_kept() -> None:
-    digest = "sha256:" + "ab" * 32
-    update = KeyLayout("/deployer").decode(b"/deployer/myorg/foo:qa@" + digest.encode(), b"x", 1.0)
-    assert update is not None
-    assert (update.repository, update.tag, update.digest) == ("myorg/foo", "qa", digest)
-
-
-@pytest.mark.parametrize("key", [b"/deployer/_/lock/host1", b"/deployer/_", b"/deployer2/myorg/foo",
-                                 b"/other/myorg/foo", b"/deployer"])
-def test_reserved_and_foreign_keys_deliver_nothing(key: bytes) -> None:
-    assert KeyLayout("/deployer").decode(key, b"x", now=1.0) is None
-
-
-@pytest.mark.parametrize("key", [b"/deployer/", b"/deployer/Not A Repo",
-                                 b"/deployer/myorg/foo:bad tag", b"/deployer/myorg//foo",
-                                 b"/deployer/\xff\xfe", b"/deployer/_x"])
-def test_invalid_keys_raise(key: bytes) -> None:
-    with pytest.raises(InvalidKey):
-        KeyLayout("/deployer").decode(key, b"x", now=1.0)
-
-
-# -- the stream reader ------------------------------------------------------------------------
-
-MESSAGES = [
-    {"result": {"header": {"revision": "4"}, "created": True}},
-    {"result": {"header": {"revision": "5"}, "events": [
-        {"kv": {"key": b64(b"/deployer/myorg/foo"), "value": b64(b"x" * 300),
-                "mod_revision": "5"}}]}},
-    {"result": {"header": {"revision": "6"}, "events": [
-        {"type": "DELETE", "kv": {"key": b64(b"/deployer/myorg/foo"), "mod_revision": "6"}}]}},
-]
-STREAM = b"".join(json.dumps(m).encode() + b"\n" for m in MESSAGES)
-
-
-def reader_on(transport: StringTransport | None = None) -> tuple[JSONLinesReader, list[Any]]:
-    got: list[Any] = []
-    reader = JSONLinesReader(got.append)
-    reader.makeConnection(transport or StringTransport())
-    return reader, got
-
-
-def test_reader_one_byte_at_a_time() -> None:
-    reader, got = reader_on()
-    for i in range(len(STREAM)):
-        reader.dataReceived(STREAM[i : i + 1])
-    assert got == MESSAGES
-    reader.connectionLost(Failure(ResponseDone()))
-    assert reader.done.called
-    assert reader.done.result is None
-
-
-@given(cuts=st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=30))
-def test_reader_any_split(cuts: list[int]) -> None:
-    reader, got = reader_on()
-    bounds = [0, *sorted(cuts), len(STREAM)]
-    for start, end in itertools.pairwise(bounds):
-        reader.dataReceived(STREAM[start:end])
-    assert got == MESSAGES
-
-
-def test_reader_skips_blank_lines_and_crlf() -> None:
-    reader, got = reader_on()
-    reader.dataReceived(b'\n\r\n{"a": 1}\r\n\n{"b"')
-    reader.dataReceived(b": 2}\n")
-    assert got == [{"a": 1}, {"b": 2}]
-
-
-def failure_of(d: Deferred[Any]) -> Failure:
-    results: list[Any] = []
-    d.addErrback(results.append)
-    assert results and isinstance(results[0], Failure), f"{d} did not fail"
-    return results[0]
-
-
-def test_reader_fails_and_stops_on_a_line_that_is_not_a_json_object() -> None:
-    transport = StringTransport()
-    reader, got = reader_on(transport)
-    reader.dataReceived(b'{"a": 1}\n[1, 2]\n{"b": 2}\n')
-    assert got == [{"a": 1}]
-    assert failure_of(reader.done).check(ValueError)
-    assert transport.producerState == "stopped"
-    reader.dataReceived(b'{"c": 3}\n')  # ignored once failed
-    assert got == [{"a": 1}]
-
-
-def test_reader_fails_when_the_handler_raises() -> None:
-    def boom(message: dict[str, Any]) -> None:
-        raise KeyError("boom")
-
-    transport = StringTransport()
-    reader = JSONLinesReader(boom)
-    reader.makeConnection(transport)
-    reader.dataReceived(b'{"a": 1}\n')
-    assert failure_of(reader.done).check(KeyError)
-    assert transport.producerState == "stopped"
-
-
-def test_reader_end_inside_a_message_is_an_error() -> None:
-    reader, _ = reader_on()
-    reader.dataReceived(b'{"a": 1}\n{"b"')
-    reader.connectionLost(Failure(ResponseDone()))
-    assert failure_of(reader.done).check(ConnectionLost)
-
-
-def test_reader_reads_a_last_object_without_newline_at_the_end() -> None:
-    # What etcd's gateway sends when the member shuts down under a watch.
-    reader, got = reader_on()
-    last = b'{"error":{"grpc_code":14,"http_code":503,"message":"transport is closing"}}'
-    reader.dataReceived(b'{"a": 1}\n' + last)
-    assert got == [{"a": 1}]
-    reader.connectionLost(Failure(ResponseDone()))
-    assert got == [{"a": 1}, json.loads(last)]
-    assert reader.done.result is None
-
-
-def test_reader_fails_when_the_last_object_is_refused() -> None:
-    def refuse(message: dict[str, Any]) -> None:
-        if "error" in message:
-            raise RuntimeError(message["error"]["message"])
-
-    reader = JSONLinesReader(refuse)
-    reader.makeConnection(StringTransport())
-    reader.dataReceived(b'{"error": {"message": "transport is closing"}}')
-    reader.connectionLost(Failure(ResponseDone()))
-    assert failure_of(reader.done).check(RuntimeError)
-
-
-def test_reader_passes_on_a_lost_connection() -> None:
-    reader, _ = reader_on()
-    reader.connectionLost(Failure(ConnectionLost("gone")))
-    assert failure_of(reader.done).check(ConnectionLost)
-
-
-def test_reader_cancel_stops_the_transport() -> None:
-    transport = StringTransport()
-    reader, _ = reader_on(transport)
-    reader.done.cancel()
-    assert transport.producerState == "stopped"
-    failure_of(reader.done)
-
-
-def test_reader_stops_a_body_that_arrives_after_it_failed() -> None:
-    reader = JSONLinesReader(lambda m: None)
-    reader.fail(ValueError("too late"))
-    transport = StringTransport()
-    reader.makeConnection(transport)
-    assert transport.producerState == "stopped"
-    failure_of(reader.done)
-
-
-# -- an in-memory etcd gateway ----------------------------------------------------------------
-
-
-@attrs.define(eq=False)
-class FakeWatch:
-    request: Request
-    member: str
-    key: bytes
-    range_end: bytes
-    start_revision: int
-    open: bool = True
-
-    def covers(self, key: bytes) -> bool:
-        return self.key <= key < self.range_end
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self.open:
-            self.request.write(json.dumps(message).encode() + b"\n")
-
-    def end(self) -> None:
-        """A clean end of the stream."""
-        if self.open:
-            self.open = False
-            self.request.finish()
-
-    def drop(self) -> None:
-        """The connection breaks."""
-        self.open = False
-        self.request.transport.loseConnection()
-
-
-class FakeEtcd(Resource):
-    """The JSON gateway of every member (told apart by the Host header), one shared store."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.revision = 1
-        self.kvs: dict[bytes, dict[str, str]] = {}
-        self.history: list[tuple[int, list[dict[str, Any]]]] = []
-        self.compacted = 0
-        self.txns: list[tuple[str, dict[bytes, bytes]]] = []
-        self.ranges: list[tuple[str, dict[str, Any]]] = []
-        self.watches: list[FakeWatch] = []
-        self.hold = False
-        self.held: list[tuple[Request, str, list[dict[str, Any]]]] = []
-        self.silent: set[str] = set()
-        self.reject: str | None = None
-        self.requests: list[tuple[str, str, list[bytes] | None]] = []
-
-    def header(self) -> dict[str, str]:
-        return {"cluster_id": "1", "member_id": "2", "revision": str(self.revision),
-                "raft_term": "2"}
-
-    def render_POST(self, request: Request) -> bytes | int:
-        member = (request.getHeader("host") or "").split(":")[0]
-        body = json.loads(request.content.read())
-        path = request.path.decode()
-        self.requests.append(
-            (member, path, request.requestHeaders.getRawHeaders(b"grpc-metadata-hasleader"))
-        )
-        if member in self.silent:
-            return NOT_DONE_YET
-        request.setHeader("content-type", "application/json")
-        if path == "/v3/kv/txn":
-            ops = body.get("success", [])
-            keys = [unb64(op["request_put"]["key"]) for op in ops]
-            if self.reject:
-                return self.error(request, 400, 3, self.reject)
-            if len(set(keys)) != len(keys):
-                return self.error(request, 400, 3, "etcdserver: duplicate key given in txn request")
-            if len(ops) > 128:
-                return self.error(request, 400, 3, "etcdserver: too many operations in txn request")
-            if self.hold:
-                self.held.append((request, member, ops))
-                return NOT_DONE_YET
-            return json.dumps(self.apply(member, ops)).encode()
-        if path == "/v3/kv/range":
-            self.ranges.append((member, body))
-            start, end = unb64(body["key"]), unb64(body["range_end"])
-            kvs = [kv for key, kv in sorted(self.kvs.items()) if start <= key < end]
-            answer = {"header": self.header(), "kvs": kvs, "count": str(len(kvs))}
-            return json.dumps(answer).encode()
-        if path == "/v3/watch":
-            return self.watch(request, member, body["create_request"])
-        request.setResponseCode(404)
-        return b"404 page not found\n"
-
-    def error(self, request: Request, status: int, code: int, message: str) -> bytes:
-        request.setResponseCode(status)
-        return json.dumps({"error": message, "message": message, "code": code}).encode()
-
-    def apply(self, member: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
-        puts = {unb64(op["request_put"]["key"]): unb64(op["request_put"]["value"]) for op in ops}
-        self.txns.append((member, puts))
-        self.commit(puts)
-        return {"header": self.header(), "succeeded": True,
-                "responses": [{"response_put": {"header": {"revision": str(self.revision)}}}
-                              for _ in ops]}
-
-    def release(self) -> None:
-        """Answer the held transactions."""
-        held, self.held = self.held, []
-        for request, member, ops in held:
-            request.write(json.dumps(self.apply(member, ops)).encode())
-            request.finish()
-
-    def commit(self, puts: dict[bytes, bytes], deletes: tuple[bytes, ...] = ()) -> int:
-        self.revision += 1
-        events: list[dict[str, Any]] = []
-        for key, value in puts.items():
-            old = self.kvs.get(key)
-            kv = {"key": b64(key), "value": b64(value), "mod_revision": str(self.revision),
-                  "create_revision": old["create_revision"] if old else str(self.revision),
-                  "version": str(int(old["version"]) + 1) if old else "1"}
-            self.kvs[key] = kv
-            events.append({"kv": kv})
-        for key in deletes:
-            self.kvs.pop(key, None)
-            events.append({"type": "DELETE", "kv": {"key": b64(key),
-                                                     "mod_revision": str(self.revision)}})
-        self.history.append((self.revision, events))
-        for w in self.watches:
-            self.send_events(w, events)
-        return self.revision
-
-    def put(self, key: bytes, value: bytes) -> int:
-        return self.commit({key: value})
-
-    def delete(self, key: bytes) -> int:
-        return self.commit({}, (key,))
-
-    def compact(self, revision: int) -> None:
-        self.compacted = revision
-        self.history = [(rev, evs) for rev, evs in self.history if rev > revision]
-
-    def send_events(self, w: FakeWatch, events: list[dict[str, Any]]) -> None:
-        mine = [e for e in events if w.covers(unb64(e["kv"]["key"]))]
-        if mine:
-            w.send({"result": {"header": self.header(), "events": mine}})
-
-    def watch(self, request: Request, member: str, create: dict[str, Any]) -> int:
-        w = FakeWatch(request, member, unb64(create["key"]), unb64(create["range_end"]),
-                      int(create.get("start_revision", 0) or 0))
-        request.notifyFinish().addBoth(lambda _: setattr(w, "open", False))
-        self.watches.append(w)
-        w.send({"result": {"header": self.header(), "created": True}})
-        if w.start_revision and w.start_revision <= self.compacted:
-            w.send({"result": {"header": self.header(), "canceled": True,
-                               "compact_revision": str(self.compacted)}})
-            return NOT_DONE_YET
-        for revision, events in self.history:
-            if revision >= w.start_revision:
-                self.send_events(w, events)
-        return NOT_DONE_YET
-
-    @property
-    def open_watches(self) -> list[FakeWatch]:
-        return [w for w in self.watches if w.open]
-
-
-@implementer(IBodyProducer)
-class SyncProducer:
-    """Writes the whole body at once (treq's default producer needs a running reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-
-@implementer(IAgent)
-class FakeNetwork:
-    """Routes requests to the fake gateway, except to members that are down (refused) and
-    requests to a path in :attr:`hang`, which never answer: cancelling one fails it with the
-    error that ``hang[path](host)`` makes, as an ``Agent`` does (it reports a cancelled request
-    as ResponseNeverReceived, or ConnectingCancelledError while it connects)."""
-
-    def __init__(self, resource: Resource, clock: Clock) -> None:
-        self.inner = RequestTraversalAgent(resource)
-        self.clock = clock
-        self.down: set[str] = set()
-        self.hang: dict[str, Callable[[str], Exception]] = {}
-        self.log: list[tuple[float, str, str]] = []
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: Any = None) -> Deferred[Any]:
-        parsed = URI.fromBytes(uri)
-        host = parsed.host.decode()
-        self.log.append((self.clock.seconds(), host, parsed.path.decode()))
-        if host in self.down:
-            return fail(ConnectionRefusedError(f"{host} is down"))
-        error = self.hang.get(parsed.path.decode())
-        if error is not None:
-            return Deferred(lambda d: d.errback(error(host)))
-        return self.inner.request(method, uri, headers, bodyProducer)
-
-    def hosts(self, path: str) -> list[str]:
-        return [host for _, host, p in self.log if p == path]
-
-
-@attrs.define
-class Rig:
-    clock: Clock
-    fake: FakeEtcd
-    net: FakeNetwork
-    etcd: Etcd
-
-    def flush(self) -> None:
-        for _ in range(3):
-            self.net.inner.flush()
-
-    def watch(self, on_update: Callable[[Update], object] | None = None) -> tuple[WatchService,
-                                                                                 list[Update]]:
-        got: list[Update] = []
-        service = self.etcd.watch(on_update or got.append)
-        service.startService()
-        _STARTED.append(service)
-        self.flush()
-        return service, got
-
-
-_STARTED: list[WatchService] = []
+def make_rig(*args: Any, **kw: Any) -> Rig:
+    rig = _make_rig(*args, **kw)
+    _RIGS.append(rig)
+    return rig
 
 
 @pytest.fixture(autouse=True)
@@ -526,25 +41,8 @@ def _stop_watches() -> Iterator[None]:
     """Every watch a test started is stopped after it, rather than left suspended until the
     interpreter exits."""
     yield
-    while _STARTED:
-        service = _STARTED.pop()
-        if service.running:
-            service.stopService()
-
-
-HOSTS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
-
-
-def make_rig(hosts: tuple[str, ...] = HOSTS[:1], **kw: Any) -> Rig:
-    clock = Clock()
-    clock.advance(1000)
-    fake = FakeEtcd()
-    net = FakeNetwork(fake, clock)
-    config = EtcdConfig(nodes=tuple(f"http://{h}:2379" for h in hosts), prefix="/deployer",
-                        dial_timeout=5.0, retry_delay=1.0)
-    http = HTTPClient(net, data_to_body_producer=SyncProducer)
-    etcd = Etcd(clock, config, http=http, rng=random.Random(7), **kw)
-    return Rig(clock, fake, net, etcd)
+    while _RIGS:
+        _RIGS.pop().stop()
 
 
 def u(name: str, **kw: Any) -> Update:
@@ -664,8 +162,9 @@ def test_a_member_that_does_not_answer_times_out() -> None:
     rig.flush()
     with pytest.raises(EtcdUnavailable) as info:
         fired(d)
-    assert "http://10.0.0.2:2379: timed out after 5s; http://10.0.0.1:2379: timed out" in str(
-        info.value
+    assert str(info.value) == (
+        "no etcd member acknowledged the write within 10s:"
+        " http://10.0.0.2:2379: timed out after 5s; http://10.0.0.1:2379: no answer within 5s"
     )
 
 
@@ -682,25 +181,25 @@ def test_a_refused_request_does_not_move_off_a_member() -> None:
 # -- backoff ----------------------------------------------------------------------------------
 
 
-def test_backoff_is_exponential_jittered_and_capped() -> None:
-    backoff = Backoff(1.0, random.Random(3), cap=30.0)
-    delays = [backoff.delay(n) for n in range(12)]
-    for n, delay in enumerate(delays):
+def test_the_watch_backoff_is_exponential_jittered_and_capped() -> None:
+    delay = backoff(1.0, 30.0, floor=MIN_RETRY_DELAY, rng=random.Random(3))
+    delays = [delay(n) for n in range(12)]
+    for n, d in enumerate(delays):
         ceiling = min(30.0, 2.0**n)
-        assert ceiling / 2 <= delay <= ceiling
+        assert ceiling / 2 <= d <= ceiling
     assert max(delays) <= 30.0
-    assert len({round(backoff.delay(5), 6) for _ in range(20)}) > 1, "jittered"
-    assert Backoff(1.0, random.Random(3)).delay(10_000) <= 30.0
+    assert len({round(delay(5), 6) for _ in range(20)}) > 1, "jittered"
+    assert delay(10_000) <= 30.0
 
 
-def test_backoff_has_a_floor() -> None:
+def test_the_watch_backoff_has_a_floor() -> None:
     # A zero retry_delay would retry at once, forever: a busy loop while etcd is down.
-    backoff = Backoff(0.0, random.Random(3), cap=30.0)
-    delays = [backoff.delay(n) for n in range(12)]
+    delay = backoff(0.0, 30.0, floor=MIN_RETRY_DELAY, rng=random.Random(3))
+    delays = [delay(n) for n in range(12)]
     assert min(delays) >= MIN_RETRY_DELAY
     assert delays[-1] >= 15.0, "it still backs off exponentially from the floor"
-    assert Backoff(1e-9, random.Random(3)).delay(0) >= MIN_RETRY_DELAY
-    assert Backoff(0.0, random.Random(3), cap=0.0).delay(5) == MIN_RETRY_DELAY
+    assert backoff(1e-9, 30.0, floor=MIN_RETRY_DELAY, rng=random.Random(3))(0) >= MIN_RETRY_DELAY
+    assert backoff(0.0, 0.0, floor=MIN_RETRY_DELAY, rng=random.Random(3))(5) == MIN_RETRY_DELAY
 
 
 def test_a_zero_retry_delay_is_not_a_busy_loop() -> None:
@@ -719,7 +218,7 @@ def test_a_zero_retry_delay_is_not_a_busy_loop() -> None:
 
     service.on_reconnect = reconnected
     service.startService()
-    _STARTED.append(service)
+    rig.started.append(service)
     for _ in range(100):
         rig.clock.advance(0.1)
         rig.flush()
@@ -1033,7 +532,7 @@ def test_stop_from_the_update_callback_during_catch_up() -> None:
     stopped: list[Deferred[None]] = []
     service = rig.etcd.watch(lambda update: stopped.append(service.stopService()))
     service.startService()
-    _STARTED.append(service)
+    rig.started.append(service)
     rig.flush()
     assert fired(stopped[0]) is None
     assert not rig.fake.watches, "no watch is opened after the stop"
@@ -1075,3 +574,61 @@ def test_close_waits_for_writes_in_flight() -> None:
     rig.flush()
     assert fired(d) == 2
     assert closed.called
+
+
+# -- plain requests ---------------------------------------------------------------------------
+
+
+def test_request_fails_over_and_stays_on_the_member_that_answered() -> None:
+    rig = make_rig(HOSTS)
+    rig.net.down = {"10.0.0.1"}
+    body = {"key": "L2RlcGxveWVyL3g="}
+    d = rig.etcd.request("/v3/kv/range", body)
+    rig.flush()
+    assert "header" in fired(d)
+    assert rig.net.hosts("/v3/kv/range") == ["10.0.0.1", "10.0.0.2"]
+    assert rig.etcd.members.current == 1
+    fired(rig.etcd.request("/v3/kv/range", body))
+    assert rig.net.hosts("/v3/kv/range")[2:] == ["10.0.0.2"]
+
+
+def test_request_fails_when_no_member_answers_in_time() -> None:
+    rig = make_rig(HOSTS[:2])
+    rig.fake.freeze("10.0.0.1")
+    rig.fake.freeze("10.0.0.2")
+    d = rig.etcd.request("/v3/lease/grant", {"TTL": 5})
+    rig.advance(9.9)
+    assert not d.called
+    rig.advance(0.2)
+    with pytest.raises(EtcdUnavailable) as info:
+        fired(d)
+    assert str(info.value) == (
+        "no etcd member answered /v3/lease/grant within 5s each:"
+        " http://10.0.0.1:2379: timed out after 5s; http://10.0.0.2:2379: timed out after 5s"
+    )
+
+
+def test_a_request_etcd_refuses_is_raised_at_once() -> None:
+    rig = make_rig(HOSTS[:2])
+    d = rig.etcd.request("/v3/lease/revoke", {"ID": 42})
+    rig.flush()
+    with pytest.raises(EtcdHTTPError) as info:
+        fired(d)
+    assert (info.value.status, info.value.code) == (404, 5)
+    assert rig.net.hosts("/v3/lease/revoke") == ["10.0.0.1"], "no other member is asked"
+    assert rig.etcd.members.current == 0
+
+
+@pytest.mark.parametrize("error", [response_never_received, connecting_cancelled])
+def test_a_cancelled_request_is_no_failure_of_the_member(
+    error: Callable[[str], Exception]
+) -> None:
+    rig = make_rig(HOSTS[:2])
+    rig.net.hang["/v3/kv/txn"] = error
+    d = rig.etcd.request("/v3/kv/txn", {})
+    d.cancel()
+    rig.flush()
+    with pytest.raises(CancelledError):
+        fired(d)
+    assert rig.net.hosts("/v3/kv/txn") == ["10.0.0.1"]
+    assert rig.etcd.members.current == 0

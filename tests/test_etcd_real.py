@@ -28,6 +28,7 @@ from tests.stack.etcd_stack import (
     current_revision,
     etcdctl,
     free_port,
+    wait_for,
 )
 
 pytestmark = pytest.mark.real
@@ -82,15 +83,6 @@ async def clients() -> Any:
     c = Clients()
     yield c
     await c.close()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await deferLater(reactor, 0.02)
-        waited += 0.02
 
 
 def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -272,22 +264,12 @@ async def test_compaction_during_an_outage_causes_a_full_resync(
     assert watch.resyncs == 1
 
 
-def _leader_first_follower(cluster: EtcdCluster) -> tuple[int, int]:
-    status = json.loads(etcdctl(cluster.urls, "endpoint", "status", "-w", "json"))
-    leader_id = status[0]["Status"]["leader"]
-    by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
-    ids = [by_url[url] for url in cluster.urls]
-    leader = ids.index(leader_id)
-    follower = next(i for i in range(len(ids)) if i != leader)
-    return leader, follower
-
-
 @pytest_twisted.ensureDeferred
 async def test_cluster_member_in_use_dies(
     etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
 ) -> None:
     cluster = await in_thread(etcd_cluster, 3)
-    leader, follower = await in_thread(_leader_first_follower, cluster)
+    leader, follower = await in_thread(cluster.leader_first_follower)
     other = 3 - leader - follower
     # The member in use is a follower, so the survivors keep their leader and the write right
     # after the kill needs no election.

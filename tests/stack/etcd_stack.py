@@ -11,8 +11,16 @@ Fixtures:
 ``etcd_cluster``
     A factory: ``etcd_cluster(size=3)`` starts a new cluster (:class:`EtcdCluster`) and waits
     until it serves; every cluster is torn down at the end of the test.
+``etcd_gateway``
+    The URL of an etcd gateway, once a :class:`~deployer.testing.fake_etcd.FakeEtcd` and once
+    (marked ``real``) a real member: one suite runs against both.
 ``tcp_proxy``
     A factory: ``tcp_proxy(url, byte_by_byte=True)`` starts a :class:`TCPProxy` to ``url``.
+
+``etcd_rig``
+    A factory of :class:`Rig`: an :class:`~deployer.etcd.Etcd` over a
+    :class:`~deployer.testing.fake_etcd.FakeEtcd` in memory (through :class:`FakeNetwork`, which
+    can also refuse connections or leave requests unanswered), on a ``Clock``.
 
 Every process is torn down by its fixture, also when the test fails.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,8 +42,25 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
+from twisted.web.client import URI
+from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from deployer.etcd import Etcd, EtcdConfig, WatchService
+from deployer.model import Update
+from deployer.testing.fake_etcd import FakeEtcd
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
@@ -152,6 +178,17 @@ class EtcdMember:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the member keeps its port (the kernel still accepts connections) and answers
+        nothing, as a hung or swapping host does."""
+        assert self.process is not None and self.process.poll() is None, f"{self.name} is down"
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: undo :meth:`freeze`."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -200,7 +237,28 @@ class EtcdCluster:
 
     def stop(self) -> None:
         for member in self.members:
+            member.thaw()  # a stopped process would not handle SIGTERM
             member.stop()
+
+    @contextlib.contextmanager
+    def frozen(self, *members: EtcdMember) -> Iterator[None]:
+        """``members`` stopped with SIGSTOP for the block; continued after it, whatever
+        happens."""
+        try:
+            for member in members:
+                member.freeze()
+            yield
+        finally:
+            for member in members:
+                member.thaw()
+
+    def leader_first_follower(self) -> tuple[int, int]:
+        """The indexes of the leader and of the first member that is not the leader."""
+        status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
+        by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
+        ids = [by_url[url] for url in self.urls]
+        leader = ids.index(status[0]["Status"]["leader"])
+        return leader, next(i for i in range(len(ids)) if i != leader)
 
 
 class TCPProxy:
@@ -368,6 +426,55 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             cluster.stop()
 
 
+PROGRESS_INTERVAL = 0.5
+"""Seconds between progress notifications of the gateway suite's etcd, fake or real."""
+
+
+@pytest.fixture(scope="session")
+def etcd_progress_member(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
+    """A single member of its own that sends watch progress notifications every
+    :data:`PROGRESS_INTERVAL` seconds (etcd's default is 10 minutes)."""
+    interval = ["--experimental-watch-progress-notify-interval", f"{PROGRESS_INTERVAL * 1000:g}ms"]
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd-progress"), 1, extra_args=interval)
+    cluster.start()
+    try:
+        yield cluster.members[0]
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.real)])
+def etcd_gateway(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The client URL of an etcd gateway: a :class:`~deployer.testing.fake_etcd.FakeEtcd` on a
+    loopback port, or (marked ``real``) :func:`etcd_progress_member`. Both send progress
+    notifications every :data:`PROGRESS_INTERVAL` seconds."""
+    if request.param == "real":
+        yield request.getfixturevalue("etcd_progress_member").client_url
+        return
+    from twisted.internet import reactor
+
+    fake = FakeEtcd(reactor, progress_interval=PROGRESS_INTERVAL)
+    port = reactor.listenTCP(0, Site(fake), interface="127.0.0.1")
+    try:
+        yield f"http://127.0.0.1:{port.getHost().port}"
+    finally:
+        port.stopListening()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``predicate`` on the running reactor until it holds; AssertionError after
+    ``timeout`` seconds."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await deferLater(reactor, 0.02)
+        waited += 0.02
+
+
 @pytest.fixture
 def tcp_proxy() -> Iterator[Callable[..., TCPProxy]]:
     """``tcp_proxy(url, byte_by_byte=True, pace=0.0)``: a proxy to ``url``; closed after."""
@@ -383,3 +490,140 @@ def tcp_proxy() -> Iterator[Callable[..., TCPProxy]]:
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+# -- the in-memory etcd -----------------------------------------------------------------------
+
+
+@implementer(IBodyProducer)
+class SyncProducer:
+    """Writes the whole body at once (treq's default producer needs a running reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@implementer(IAgent)
+class FakeNetwork:
+    """Routes requests to the gateway in memory, except to members that are :attr:`down`
+    (refused) and requests to a path in :attr:`hang`, which never answer: cancelling one fails
+    it with the error that ``hang[path](host)`` makes, as an ``Agent`` does (it reports a
+    cancelled request as ResponseNeverReceived, or ConnectingCancelledError while it
+    connects). :meth:`flush` moves the bytes in flight."""
+
+    def __init__(self, resource: Resource, clock: IReactorTime) -> None:
+        self.inner = RequestTraversalAgent(resource)
+        self.clock = clock
+        self.down: set[str] = set()
+        self.hang: dict[str, Callable[[str], Exception]] = {}
+        self.log: list[tuple[float, str, str]] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[Any]:
+        parsed = URI.fromBytes(uri)
+        host, path = parsed.host.decode(), parsed.path.decode()
+        self.log.append((self.clock.seconds(), host, path))
+        if host in self.down:
+            return fail(ConnectionRefusedError(f"{host} is down"))
+        error = self.hang.get(path)
+        if error is not None:
+            return Deferred(lambda d: d.errback(error(host)))
+        return self.inner.request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        for _ in range(3):
+            self.inner.flush()
+
+    def hosts(self, path: str) -> list[str]:
+        """The members that requests to ``path`` went to, in order."""
+        return [host for _, host, p in self.log if p == path]
+
+    def http_client(self) -> HTTPClient:
+        return HTTPClient(self, data_to_body_producer=SyncProducer)
+
+
+@attrs.define
+class Rig:
+    """An :class:`Etcd` over a :class:`FakeEtcd` in memory, on a ``Clock``."""
+
+    clock: Clock
+    fake: FakeEtcd
+    net: FakeNetwork
+    etcd: Etcd
+    started: list[WatchService] = attrs.Factory(list)
+
+    def flush(self) -> None:
+        self.net.flush()
+
+    def advance(self, seconds: float, step: float = 0.1) -> None:
+        """Move the clock by ``seconds`` in steps, flushing the network after each."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.flush()
+
+    def watch(
+        self, on_update: Callable[[Update], object] | None = None
+    ) -> tuple[WatchService, list[Update]]:
+        got: list[Update] = []
+        service = self.etcd.watch(on_update or got.append)
+        service.startService()
+        self.started.append(service)
+        self.flush()
+        return service, got
+
+    def stop(self) -> None:
+        """Stop every watch this rig started."""
+        while self.started:
+            service = self.started.pop()
+            if service.running:
+                service.stopService()
+
+
+FAKE_HOSTS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
+
+
+def make_rig(hosts: tuple[str, ...] = FAKE_HOSTS[:1], dial_timeout: float = 5.0,
+             **kw: Any) -> Rig:
+    """An :class:`Etcd` of members ``http://<host>:2379`` over one :class:`FakeEtcd` (without
+    progress notifications), on a ``Clock`` at 1000 s."""
+    clock = Clock()
+    clock.advance(1000)
+    fake = FakeEtcd(clock, progress_interval=None)
+    net = FakeNetwork(fake, clock)
+    config = EtcdConfig(nodes=tuple(f"http://{h}:2379" for h in hosts), prefix="/deployer",
+                        dial_timeout=dial_timeout, retry_delay=1.0)
+    etcd = Etcd(clock, config, http=net.http_client(), rng=random.Random(7), **kw)
+    return Rig(clock, fake, net, etcd)
+
+
+@pytest.fixture
+def etcd_rig() -> Iterator[Callable[..., Rig]]:
+    """``etcd_rig(hosts=..., dial_timeout=5.0, **Etcd keywords)``: a :class:`Rig`; its watches
+    are stopped after the test."""
+    rigs: list[Rig] = []
+
+    def make(*args: Any, **kw: Any) -> Rig:
+        rig = make_rig(*args, **kw)
+        rigs.append(rig)
+        return rig
+
+    try:
+        yield make
+    finally:
+        for rig in rigs:
+            rig.stop()
