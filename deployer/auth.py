@@ -29,7 +29,6 @@ from twisted.web.iweb import IRequest
 from deployer.errors import ConfigError, Unauthorized
 
 TOKEN_ENV = "DEPLOYER_WEBHOOK_TOKEN"
-GITHUB_SIGNATURE_HEADER = b"x-hub-signature-256"
 
 _MAX_CANDIDATES = 8
 

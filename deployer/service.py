@@ -96,7 +96,8 @@ async def _maybe(result: Any) -> None:
 def make_service(config: Any, reactor: Any) -> MultiService:
     from deployer.auth import TokenAuth
     from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
-    from deployer.webhook import WebhookApp, WebhookSite
+    from deployer.site import WebhookSite
+    from deployer.webhook import WebhookApp
 
     top = MultiService()
     metrics = Metrics()
