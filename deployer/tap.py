@@ -84,7 +84,7 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from deployer.service import make_service
+    from deployer.service import DeployerService
 
     assert options.config is not None
-    return make_service(options.config, reactor)
+    return DeployerService.from_config(options.config, reactor)
