@@ -1,10 +1,13 @@
 """The daemon's HTTP server around the webhook resource: request bodies limited before they are
-read (:class:`LimitedRequest`), and an access log without secrets (:func:`mask_query`)."""
+read (:class:`LimitedRequest`), and an access log without secrets: query values, bare queries,
+user names and passwords in the request URI and the ``Referer`` beyond its scheme and host are
+left out."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 from twisted.web import http
@@ -12,6 +15,8 @@ from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+
+from deployer.notify import redact_url
 
 log = Logger()
 
@@ -59,34 +64,68 @@ class LimitedRequest(Request):
         )
         self.channel.loseConnection()
 
+    def __repr__(self) -> str:
+        return (f"<{self.__class__.__name__} method={self.method!r}"
+                f" uri={mask_query(self.uri)!r} clientproto={self.clientproto!r}>")
 
-class _MaskedURI:
+
+def mask_query(uri: bytes) -> bytes:
+    """The request URI for logs: every query value masked (``?token=***``), a bare query part
+    too (``?***``), and the user name and password of an absolute URI left out."""
+    path, sep, query = uri.partition(b"?")
+    scheme, colon_slashes, rest = path.partition(b"://")
+    if colon_slashes and b"/" not in scheme:
+        authority, slash, tail = rest.partition(b"/")
+        path = scheme + colon_slashes + authority.rpartition(b"@")[2] + slash + tail
+    if not sep:
+        return path
+    masked = []
+    for part in query.split(b"&"):
+        if part:
+            key, equals, _ = part.partition(b"=")
+            masked.append(key + b"=***" if equals else b"***")
+    return path + b"?" + b"&".join(masked)
+
+
+def referer_origin(value: bytes | None) -> bytes | None:
+    """What the log keeps of a ``Referer``: its scheme, host and port, or nothing."""
+    if not value:
+        return None
+    try:
+        scheme = urlsplit(value.decode("ascii")).scheme.lower()
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if scheme not in ("http", "https"):
+        return None
+    origin = redact_url(value.decode("ascii"))
+    return None if origin.startswith("<") else origin.encode("ascii")
+
+
+class _ForTheLog:
+    """A request as the access log may see it."""
+
     def __init__(self, request: IRequest) -> None:
         self._request = request
         self.uri = mask_query(request.uri)
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        value: bytes | None = self._request.getHeader(name)
+        return referer_origin(value) if name.lower() == b"referer" else value
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
 
 
-def mask_query(uri: bytes) -> bytes:
-    """The request URI for logs: ``?token=…`` (and every other query value) masked."""
-    path, sep, query = uri.partition(b"?")
-    if not sep:
-        return uri
-    masked = b"&".join(p.partition(b"=")[0] + b"=***" for p in query.split(b"&") if p)
-    return path + b"?" + masked
-
-
 def access_log_formatter(timestamp: str, request: IRequest) -> str:
-    """Twisted's combined log format, without query strings (tokens travel there)."""
-    line: str = combinedLogFormatter(timestamp, _MaskedURI(request))
+    """Twisted's combined log format, without secrets (see :func:`mask_query` and
+    :func:`referer_origin`)."""
+    line: str = combinedLogFormatter(timestamp, _ForTheLog(request))
     return line
 
 
 class WebhookSite(Site):
     """The daemon's ``Site``: request bodies limited (:class:`LimitedRequest`), no form parsing
-    (every endpoint takes JSON), query strings masked in the access log, and only answers that
+    (every endpoint takes JSON), the access log without secrets, and only answers that
     are not 2xx written to it: an accepted webhook already has its own log line naming what it
     accepted, and health checks and metric scrapes would drown everything else."""
 

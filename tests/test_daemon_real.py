@@ -262,3 +262,36 @@ def test_sigterm_ends_the_daemon_while_etcd_never_answers(
         assert "Traceback" not in daemon.log()
     finally:
         silent.close()
+
+
+# -- nothing secret in the log --------------------------------------------------------------------
+
+
+def test_bare_queries_and_referers_never_reach_the_log(
+    clean_dockerd: Dockerd, daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0")
+    referer = {"Referer": "https://ci:REFSECRET1@ci.example.com:8443/job/7?token=REFSECRET2"}
+    asked = [
+        ("POST", "/api/deploy?BARESECRET", False, 401),
+        ("POST", "/api/deploy?token=WRONGSECRET&x", False, 401),
+        ("GET", "/nothing?VALUESECRET", True, 404),
+        ("POST", "/api/deploy?a=VALUESECRET2&BARESECRET2", True, 400),
+    ]
+    for method, path, auth, expected in asked:
+        status, _ = daemon.request(method, path, b"{}", headers=referer, auth=auth)
+        assert status == expected, path
+    expected_lines = [
+        '"POST /api/deploy?*** HTTP/1.1" 401',
+        '"POST /api/deploy?token=***&*** HTTP/1.1" 401',
+        '"GET /nothing?*** HTTP/1.1" 404',
+        '"POST /api/deploy?a=***&*** HTTP/1.1" 400',
+    ]
+    deadline = time.monotonic() + 10
+    while not all(line in daemon.log() for line in expected_lines):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.1)
+    log = daemon.log()
+    assert log.count('"https://ci.example.com:8443"') == len(asked)
+    for secret in ("BARESECRET", "WRONGSECRET", "VALUESECRET", "REFSECRET", "/job/7"):
+        assert secret not in log, secret

@@ -18,10 +18,17 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyChannel
 
 from deployer.auth import TokenAuth
 from deployer.model import Update
-from deployer.site import MAX_BODY, LimitedRequest, WebhookSite, mask_query
+from deployer.site import (
+    MAX_BODY,
+    LimitedRequest,
+    WebhookSite,
+    mask_query,
+    referer_origin,
+)
 from deployer.webhook import WebhookApp
 
 TOKEN = "tok-5e3c8a1f"
@@ -52,7 +59,7 @@ class Front:
                               auth=TokenAuth([TOKEN]))
 
 
-# -- query strings in logs ------------------------------------------------------------------------
+# -- the access log -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -60,10 +67,15 @@ class Front:
     [
         (b"/api/deploy", b"/api/deploy"),
         (b"/api/deploy?token=abc", b"/api/deploy?token=***"),
-        (b"/api/deploy?x=1&token=abc&y", b"/api/deploy?x=***&token=***&y=***"),
+        (b"/api/deploy?x=1&token=abc&y", b"/api/deploy?x=***&token=***&***"),
         (b"/api/deploy?token=a=b&&", b"/api/deploy?token=***"),
         (b"/api/deploy?", b"/api/deploy?"),
-        (b"/?token", b"/?token=***"),
+        (b"/?token", b"/?***"),
+        (b"/api/deploy?SECRET", b"/api/deploy?***"),
+        (b"/api/deploy?=SECRET", b"/api/deploy?=***"),
+        (b"http://user:SECRET@deployer.test/api/deploy?SECRET",
+         b"http://deployer.test/api/deploy?***"),
+        (b"http://deployer.test:4500/a@b", b"http://deployer.test:4500/a@b"),
     ],
 )
 def test_mask_query(uri: bytes, masked: bytes) -> None:
@@ -71,27 +83,61 @@ def test_mask_query(uri: bytes, masked: bytes) -> None:
 
 
 query_text = st.text(st.characters(codec="ascii", exclude_characters="&=?#"), max_size=12)
+secrets = st.text(st.characters(codec="ascii", exclude_characters="&=?#*"), min_size=4,
+                  max_size=40)
 
 
 @given(path=st.sampled_from([b"/api/deploy", b"/", b"/api/quay/events"]),
-       pairs=st.lists(st.tuples(query_text, query_text), min_size=1, max_size=5),
-       secret=st.text(st.characters(codec="ascii", exclude_characters="&=?#*"), min_size=4,
-                      max_size=40))
-def test_mask_query_hides_every_value(
-    path: bytes, pairs: list[tuple[str, str]], secret: str
+       pairs=st.lists(st.tuples(query_text, query_text | st.none()), min_size=1, max_size=5),
+       secret=secrets, bare=st.booleans())
+def test_mask_query_hides_every_value_and_bare_query(
+    path: bytes, pairs: list[tuple[str, str | None]], secret: str, bare: bool
 ) -> None:
-    keys = [k for k, _ in pairs]
-    uri = path + b"?" + b"&".join(f"{k}={v}".encode() for k, v in pairs)
-    uri += f"&token={secret}".encode()
+    keys = [k for k, v in pairs if v is not None]
+    uri = path + b"?" + b"&".join(
+        (k if v is None else f"{k}={v}").encode() for k, v in pairs
+    )
+    uri += (f"&{secret}" if bare else f"&token={secret}").encode()
     masked = mask_query(uri)
     assert masked.startswith(path + b"?")
     if not any(secret in k for k in keys):
         assert secret.encode() not in masked
-    values = [p.partition(b"=")[2] for p in masked.partition(b"?")[2].split(b"&")]
-    assert set(values) == {b"***"}
+    for part in masked.partition(b"?")[2].split(b"&"):
+        assert part == b"***" or part.endswith(b"=***"), masked
+        assert part.partition(b"=")[2] in (b"", b"***")
 
 
-def test_access_log_has_no_token_and_only_answers_that_are_not_2xx(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "referer, kept",
+    [
+        (b"https://ci.example.com/job/7?token=SECRET", b"https://ci.example.com"),
+        (b"https://user:SECRET@ci.example.com:8443/x", b"https://ci.example.com:8443"),
+        (b"HTTP://CI.example.com/", b"http://ci.example.com"),
+        (b"http://[::1]:4500/?SECRET", b"http://[::1]:4500"),
+        (b"android-app://SECRET", None),
+        (b"/relative?SECRET", None),
+        (b"http://ci.example.com:port/SECRET", None),
+        (b"https://ci.\xff.com/SECRET", None),
+        (b"", None),
+        (None, None),
+    ],
+)
+def test_referer_origin(referer: bytes | None, kept: bytes | None) -> None:
+    assert referer_origin(referer) == kept
+
+
+@given(secret=secrets, scheme=st.sampled_from(["http", "https", "ftp", ""]),
+       host=st.sampled_from(["ci.example.com", "10.0.0.1:8080", "[::1]", ""]))
+def test_referer_never_keeps_more_than_scheme_and_host(
+    secret: str, scheme: str, host: str
+) -> None:
+    for referer in (f"{scheme}://{host}/{secret}", f"{scheme}://{host}/?{secret}",
+                    f"{scheme}://u:{secret}@{host}/", f"{scheme}://{host}?t={secret}"):
+        kept = referer_origin(referer.encode())
+        assert kept is None or secret.encode() not in kept or secret.lower() in host.lower()
+
+
+def test_access_log_has_no_secret_and_only_answers_that_are_not_2xx(tmp_path: Path) -> None:
     """Through the daemon's own Site."""
     log_path = tmp_path / "access.log"
     clock = Clock()
@@ -100,24 +146,37 @@ def test_access_log_has_no_token_and_only_answers_that_are_not_2xx(tmp_path: Pat
     site = WebhookSite(front.app.resource(), logPath=str(log_path), reactor=clock)
     site.doStart()
     try:
-        for token, answer in ((TOKEN, b"202"), ("not-" + TOKEN, b"401")):
+        for query, answer in ((f"token={TOKEN}&tag=qa", b"202"),
+                              (f"token=not-{TOKEN}&tag=qa", b"401"),
+                              ("BARESECRET", b"401")):
             channel, transport = connect(site)
             body = b'{"repository": "myorg/foo"}'
             channel.dataReceived(
-                b"POST /api/deploy?token=" + token.encode() + b"&tag=qa HTTP/1.1\r\n"
+                b"POST /api/deploy?" + query.encode() + b" HTTP/1.1\r\n"
                 b"Host: deployer.test\r\nContent-Type: application/json\r\n"
-                b"User-Agent: ci/1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-                + body
+                b"Referer: https://u:REFSECRET@ci.example.com/job?token=REFSECRET\r\n"
+                b"User-Agent: ci/1\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\n\r\n" + body
             )
             assert transport.value().startswith(b"HTTP/1.1 " + answer + b" ")
     finally:
         site.doStop()
     lines = log_path.read_text().splitlines()
-    assert len(lines) == 1, lines  # the 202 is not in the access log, the 401 is
+    assert len(lines) == 2, lines  # the 202 is not in the access log, the 401s are
     assert '"POST /api/deploy?token=***&tag=*** HTTP/1.1" 401' in lines[0]
-    assert '"ci/1"' in lines[0]
-    assert TOKEN not in lines[0]
+    assert '"POST /api/deploy?*** HTTP/1.1" 401' in lines[1]
+    for line in lines:
+        assert '"https://ci.example.com" "ci/1"' in line
+        for secret in (TOKEN, "BARESECRET", "REFSECRET"):
+            assert secret not in line
     assert len(front.sink.updates) == 1
+
+
+def test_a_request_shows_its_uri_masked() -> None:
+    request = LimitedRequest(DummyChannel())
+    request.method, request.uri, request.clientproto = b"GET", b"/x?SECRET", b"HTTP/1.1"
+    assert "SECRET" not in repr(request)
+    assert "/x?***" in repr(request)
 
 
 # -- LimitedRequest: 413 before the body is read --------------------------------------------------
