@@ -186,7 +186,8 @@ class DeployerService(MultiService):
         closers: list[Closer] = []
         metrics = Metrics()
         if docker is None:
-            docker = DockerClient.from_url(reactor, config.docker, config.credentials)
+            docker = DockerClient.from_url(reactor, config.docker, config.credentials,
+                                           pull_stall_timeout=config.pull_stall_timeout)
             closers.append(docker.close)
         if http is None:
             http, close_http = _outgoing_http(reactor)

@@ -316,3 +316,19 @@ def test_github_secret_may_hold_spaces_a_token_may_not(tmp_path: Path) -> None:
     )
     with pytest.raises(usage.UsageError, match="whitespace"):
         parse(["--webhook_token_file", str(path)])
+
+
+def test_pull_stall_timeout() -> None:
+    assert parse(["--insecure_webhooks"]).pull_stall_timeout == 120.0
+    c = parse(["--insecure_webhooks", "-pull_stall_timeout", "1m30s"])
+    assert c.pull_stall_timeout == 90.0
+    c = parse(["--insecure_webhooks", "--pull-stall-timeout=45s"])
+    assert c.pull_stall_timeout == 45.0
+    text = " ".join(str(Options(environ={})).split())
+    assert "--pull_stall_timeout=" in text and "[default: 2m]" in text
+
+
+@pytest.mark.parametrize("value", ["0", "0s", "-1s", "soon", "inf"])
+def test_bad_pull_stall_timeouts_are_refused(value: str) -> None:
+    with pytest.raises(usage.UsageError, match="pull_stall_timeout"):
+        parse([f"--pull_stall_timeout={value}", "--insecure_webhooks"])

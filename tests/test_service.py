@@ -18,6 +18,7 @@ import attrs
 import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -368,3 +369,20 @@ def test_a_closer_that_fails_is_logged_and_the_others_run(start: Any) -> None:
     assert closed == ["fine"]
     [failure] = [e["log_failure"] for e in events if "log_failure" in e]
     assert failure.check(RuntimeError)
+
+
+# -- bounds ---------------------------------------------------------------------------------------
+
+
+def test_a_pull_that_stalls_fails_after_pull_stall_timeout(start: Any) -> None:
+    daemon = start(pull_stall_timeout=30.0)
+    daemon.mem.slow_pull(FOO, Deferred())  # never ends
+    assert daemon.deploy("registry.test:5000/myorg/foo", "qa")[0] == 202
+    daemon.reactor.advance(29)
+    daemon.net.flush()
+    assert daemon.sample("deployer_rounds_total", result="error") is None
+    daemon.reactor.advance(1)
+    daemon.net.flush()
+    assert daemon.sample("deployer_pulls_total", result="error") == 1
+    assert daemon.sample("deployer_rounds_total", result="error") == 1
+    assert daemon.mem.stops == []
