@@ -117,6 +117,9 @@ FLAGS: tuple[Flag, ...] = (
          env=GITHUB_SECRET.env),
     Flag("github_secret_file", None, "Read the GitHub webhook secret from this file."),
     Flag("hostname", None, "Name of this host in reports", shown="the system's"),
+    Flag("request_timeout", "10s",
+         "A client that has not sent a whole request (headers and body) within this time is"
+         " dropped."),
     Flag("pull_stall_timeout", "2m",
          "A pull that makes no progress (no answer, no progress message) for this long is"
          " cancelled and counts as failed."),
@@ -286,6 +289,7 @@ class Config:
     notify_url: str | None = None
     github_secret: str | None = None
     hostname: str = attrs.field(factory=socket.gethostname)
+    request_timeout: float = parse_duration(_default("request_timeout"))
     pull_stall_timeout: float = parse_duration(_default("pull_stall_timeout"))
 
     @property
@@ -374,5 +378,6 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         github_secret=load_secret(GITHUB_SECRET, opts.get("github_secret"),
                                   opts.get("github_secret_file"), environ),
         hostname=given("hostname") or socket.gethostname(),
+        request_timeout=positive("request_timeout"),
         pull_stall_timeout=positive("pull_stall_timeout"),
     )

@@ -75,6 +75,19 @@ class Metrics:
             "1 while the etcd watch is established, else 0.",
             registry=r,
         )
+        self.http_connections = Gauge(
+            "deployer_http_connections",
+            "Client connections open.",
+            registry=r,
+        )
+        self.http_connections_dropped = Counter(
+            "deployer_http_connections_dropped",
+            "Client connections dropped, by reason: timeout (no whole request within"
+            " --request_timeout), evicted (the one that waited longest for its request, to make"
+            " room at the connection limit), refused (closed at once at the limit).",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

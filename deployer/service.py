@@ -37,7 +37,7 @@ from deployer.notify import (
     WebhookNotifier,
 )
 from deployer.reconcile import Reconciler, RoundReport
-from deployer.site import WebhookSite
+from deployer.site import ConnectionLimit, Drops, WebhookSite, connection_limit
 from deployer.webhook import Sink, WebhookApp
 
 log = Logger()
@@ -145,6 +145,7 @@ class DeployerService(MultiService):
     sink: Sink
     app: WebhookApp
     site: WebhookSite
+    connections: ConnectionLimit
     etcd: Etcd | None = None
     watch: WatchService | None = None
     closers: Sequence[Closer] = ()
@@ -160,7 +161,9 @@ class DeployerService(MultiService):
             watch.on_reconnect = self.metrics.etcd_watch_reconnects.inc
             self.metrics.watch_live.set_function(lambda: 1.0 if watch.live else 0.0)
             watch.setServiceParent(self)
-        self.listener = strports.service(self.config.listen, self.site, reactor=self.reactor)
+        connections = self.connections
+        self.metrics.http_connections.set_function(lambda: float(connections.open))
+        self.listener = strports.service(self.config.listen, connections, reactor=self.reactor)
         self.listener.setServiceParent(self)
         if self.config.repull_period > 0:
             self.repull = TimerService(self.config.repull_period, self._repull)
@@ -176,12 +179,14 @@ class DeployerService(MultiService):
         docker: DockerClient | None = None,
         http: HTTPClient | None = None,
         etcd_http: HTTPClient | None = None,
+        max_connections: int | None = None,
     ) -> DeployerService:
         """Every part of the daemon that ``config`` asks for, on ``reactor``.
 
         ``docker`` (the engine client), ``http`` (for notifications and Docker Hub callbacks)
         and ``etcd_http`` (for etcd) replace the ones made from ``config``, for tests; whoever
-        passes them closes them.
+        passes them closes them. ``max_connections`` replaces the limit of client connections
+        that ``RLIMIT_NOFILE`` gives (:func:`deployer.site.connection_limit`).
         """
         closers: list[Closer] = []
         metrics = Metrics()
@@ -236,6 +241,10 @@ class DeployerService(MultiService):
             metrics=metrics,
             github_secret=config.github_secret.encode() if config.github_secret else None,
         )
+        limit = connection_limit() if max_connections is None else max_connections
+        drops = Drops(reactor, metrics, limit, config.request_timeout)
+        site = WebhookSite(app.resource(), reactor=reactor, request_timeout=config.request_timeout,
+                           drops=drops)
         return cls(
             config=config,
             reactor=reactor,
@@ -245,7 +254,8 @@ class DeployerService(MultiService):
             reconciler=reconciler,
             sink=sink,
             app=app,
-            site=WebhookSite(app.resource(), reactor=reactor),
+            site=site,
+            connections=ConnectionLimit(site, limit, drops),
             etcd=etcd,
             watch=watch,
             closers=tuple(closers),

@@ -318,17 +318,18 @@ def test_github_secret_may_hold_spaces_a_token_may_not(tmp_path: Path) -> None:
         parse(["--webhook_token_file", str(path)])
 
 
-def test_pull_stall_timeout() -> None:
-    assert parse(["--insecure_webhooks"]).pull_stall_timeout == 120.0
-    c = parse(["--insecure_webhooks", "-pull_stall_timeout", "1m30s"])
-    assert c.pull_stall_timeout == 90.0
-    c = parse(["--insecure_webhooks", "--pull-stall-timeout=45s"])
-    assert c.pull_stall_timeout == 45.0
+def test_request_and_pull_stall_timeouts() -> None:
+    c = parse(["--insecure_webhooks"])
+    assert (c.request_timeout, c.pull_stall_timeout) == (10.0, 120.0)
+    c = parse(["--insecure_webhooks", "--request-timeout=3s", "-pull_stall_timeout", "1m30s"])
+    assert (c.request_timeout, c.pull_stall_timeout) == (3.0, 90.0)
     text = " ".join(str(Options(environ={})).split())
+    assert "--request_timeout=" in text and "[default: 10s]" in text
     assert "--pull_stall_timeout=" in text and "[default: 2m]" in text
 
 
+@pytest.mark.parametrize("flag", ["request_timeout", "pull_stall_timeout"])
 @pytest.mark.parametrize("value", ["0", "0s", "-1s", "soon", "inf"])
-def test_bad_pull_stall_timeouts_are_refused(value: str) -> None:
-    with pytest.raises(usage.UsageError, match="pull_stall_timeout"):
-        parse([f"--pull_stall_timeout={value}", "--insecure_webhooks"])
+def test_bad_timeouts_are_refused(flag: str, value: str) -> None:
+    with pytest.raises(usage.UsageError, match=flag):
+        parse([f"--{flag}={value}", "--insecure_webhooks"])

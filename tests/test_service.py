@@ -30,6 +30,7 @@ from twisted.web.server import Site
 
 from deployer.config import Config
 from deployer.service import DeployerService
+from deployer.site import connection_limit
 from deployer.testing.memory_docker import MemoryDocker
 from tests.helpers import fired
 
@@ -178,6 +179,17 @@ class Daemon:
         except ValueError:
             return code, payload
 
+    def connect(self) -> tuple[Any, StringTransport] | None:
+        """A client connection to the daemon that sends nothing yet; None if closed at once."""
+        _port, factory, _backlog, _interface = self.reactor.tcpServers[-1]
+        address = IPv4Address("TCP", "127.0.0.1", 50001 + len(self.net.pumps))
+        protocol = factory.buildProtocol(address)
+        if protocol is None:
+            return None
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
     def deploy(self, repository: str, tag: str) -> tuple[int, Any]:
         body = json.dumps({"repository": repository, "tag": tag}).encode()
         return self.request("POST", "/api/deploy", body)
@@ -204,7 +216,8 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setattr(task, "_theCooperator",
                         task.Cooperator(scheduler=lambda work: reactor.callLater(0, work)))
 
-    def start(serve_etcd: bool = True, **changes: Any) -> Daemon:
+    def start(serve_etcd: bool = True, max_connections: int | None = None,
+              **changes: Any) -> Daemon:
         assert not started, "one daemon a test"
         net = Network(reactor)
         mem = MemoryDocker(clock=reactor)
@@ -219,7 +232,7 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         changes.setdefault("repull_period", 0.0)
         config = Config(docker=f"unix://{ENGINE}", webhook_tokens=(TOKEN,), hostname="host-a",
                         **changes)
-        service = DeployerService.from_config(config, reactor)
+        service = DeployerService.from_config(config, reactor, max_connections=max_connections)
         service.startService()
         net.flush()
         daemon = Daemon(service, reactor, net, mem, recorder)
@@ -371,7 +384,37 @@ def test_a_closer_that_fails_is_logged_and_the_others_run(start: Any) -> None:
     assert failure.check(RuntimeError)
 
 
-# -- bounds ---------------------------------------------------------------------------------------
+# -- bounds: the request deadline, the connection limit, the pull stall timeout -------------------
+
+
+def test_a_client_that_trickles_its_request_is_dropped_after_request_timeout(start: Any) -> None:
+    daemon = start(request_timeout=3.0)
+    client = daemon.connect()
+    assert client is not None
+    protocol, transport = client
+    for byte in b"POST /api/deploy HTTP/1.1\r\n"[:2]:
+        daemon.reactor.advance(1)
+        protocol.dataReceived(bytes([byte]))
+    assert not transport.disconnecting
+    daemon.reactor.advance(1)
+    assert transport.disconnecting
+    assert daemon.sample("deployer_http_connections_dropped_total", reason="timeout") == 1
+
+
+def test_connections_are_limited(start: Any) -> None:
+    daemon = start(max_connections=2)
+    assert daemon.service.connections.limit == 2
+    first, second = daemon.connect(), daemon.connect()
+    assert first is not None and second is not None
+    assert daemon.sample("deployer_http_connections") == 2
+    assert daemon.request("GET", "/healthz")[0] == 200  # the oldest waiting one made room
+    assert first[1].disconnected and not second[1].disconnected
+    assert daemon.sample("deployer_http_connections_dropped_total", reason="evicted") == 1
+
+
+def test_the_connection_limit_follows_rlimit_nofile(start: Any) -> None:
+    daemon = start()
+    assert daemon.service.connections.limit == connection_limit()
 
 
 def test_a_pull_that_stalls_fails_after_pull_stall_timeout(start: Any) -> None:

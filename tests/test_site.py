@@ -5,27 +5,39 @@ read, and an access log without secrets."""
 from __future__ import annotations
 
 import json
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyChannel
 
 from deployer.auth import TokenAuth
+from deployer.metrics import Metrics
 from deployer.model import Update
 from deployer.site import (
+    EVICTION_BURST,
     MAX_BODY,
+    MAX_CONNECTIONS,
+    RESERVED_FDS,
+    ConnectionLimit,
+    Drops,
     LimitedRequest,
     WebhookSite,
+    connection_limit,
     mask_query,
     referer_origin,
 )
@@ -314,3 +326,237 @@ def test_refused_connection_does_not_disturb_the_next_one() -> None:
     channel.dataReceived(head(len(body)) + body)
     assert transport.value().startswith(b"HTTP/1.1 202 Accepted\r\n")
     assert len(front.sink.updates) == 1
+
+
+# -- a deadline for each request, with a Clock ---------------------------------------------------
+
+
+TIMEOUT = 10.0
+
+
+class HangingSink:
+    """Accepts once :meth:`release` is called."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[None]] = []
+
+    async def accept(self, updates: Sequence[Update]) -> str:
+        d: Deferred[None] = Deferred()
+        self.pending.append(d)
+        await d
+        return "Queued"
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for d in pending:
+            d.callback(None)
+
+
+@attrs.define
+class Server:
+    """The daemon's site behind its connection limit, on a Clock; clients over
+    StringTransports."""
+
+    limit: int = 100
+    clock: Clock = attrs.field(factory=Clock)
+    sink: HangingSink = attrs.field(factory=HangingSink)
+    metrics: Metrics = attrs.field(factory=lambda: Metrics(process=False))
+    drops: Drops = attrs.field(init=False)
+    factory: ConnectionLimit = attrs.field(init=False)
+    _port: int = 40000
+
+    def __attrs_post_init__(self) -> None:
+        self.clock.advance(START)
+        app = WebhookApp(clock=self.clock, sink=self.sink, health=healthy, auth=None)
+        self.drops = Drops(self.clock, self.metrics, self.limit, TIMEOUT)
+        site = WebhookSite(app.resource(), reactor=self.clock, request_timeout=TIMEOUT,
+                           drops=self.drops)
+        self.factory = ConnectionLimit(site, self.limit, self.drops)
+
+    def connect(self) -> tuple[Any, StringTransport] | None:
+        """A new client connection; None when it was closed at once."""
+        self._port += 1
+        address = IPv4Address("TCP", "127.0.0.1", self._port)
+        protocol = self.factory.buildProtocol(address)
+        if protocol is None:
+            return None
+        transport = StringTransport(peerAddress=address)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def dropped(self, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "deployer_http_connections_dropped_total", {"reason": reason})
+        return value or 0.0
+
+
+def lose(client: tuple[Any, StringTransport]) -> None:
+    """The reactor's part: the connection is gone."""
+    client[0].connectionLost(Failure(ConnectionDone()))
+
+
+def deploy_request(body: bytes = b'{"repository": "myorg/foo"}') -> bytes:
+    return (b"POST /api/deploy HTTP/1.1\r\nHost: deployer.test\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_a_trickling_client_is_dropped_at_the_deadline() -> None:
+    server = Server()
+    client = server.connect()
+    assert client is not None
+    protocol, transport = client
+    request = deploy_request()
+    for second in range(int(TIMEOUT) - 1):
+        server.clock.advance(1)
+        protocol.dataReceived(request[second:second + 1])  # one byte a second
+        assert not transport.disconnecting, second
+    server.clock.advance(0.999)
+    assert not transport.disconnecting
+    server.clock.advance(0.001)
+    assert transport.disconnecting
+    assert transport.value() == b""
+    assert server.dropped("timeout") == 1
+    assert server.sink.pending == []
+
+
+def test_a_request_received_in_time_is_never_dropped_while_it_is_answered() -> None:
+    server = Server()
+    client = server.connect()
+    assert client is not None
+    protocol, transport = client
+    server.clock.advance(TIMEOUT - 0.5)
+    protocol.dataReceived(deploy_request())
+    assert len(server.sink.pending) == 1
+    server.clock.advance(10 * TIMEOUT)  # the sink takes its time: etcd is slow
+    assert not transport.disconnecting
+    server.sink.release()
+    assert transport.value().startswith(b"HTTP/1.1 202 ")
+    assert not transport.disconnecting
+    # The next request on the connection has a deadline of its own, from the answer on.
+    server.clock.advance(TIMEOUT - 0.5)
+    assert not transport.disconnecting
+    server.clock.advance(0.5)
+    assert transport.disconnecting
+    assert server.dropped("timeout") == 1
+
+
+def test_each_request_on_a_connection_gets_the_whole_deadline() -> None:
+    server = Server()
+    client = server.connect()
+    assert client is not None
+    protocol, transport = client
+    for _ in range(3):
+        request = deploy_request()
+        server.clock.advance(TIMEOUT - 1)
+        protocol.dataReceived(request[:-1])
+        server.clock.advance(0.5)
+        protocol.dataReceived(request[-1:])
+        server.sink.release()
+    assert transport.value().count(b"HTTP/1.1 202 ") == 3
+    assert not transport.disconnecting
+
+
+# -- the connection limit ------------------------------------------------------------------------
+
+
+def test_at_the_limit_the_connection_waiting_longest_makes_room() -> None:
+    server = Server(limit=3)
+    clients = [server.connect() for _ in range(3)]
+    assert all(c is not None for c in clients)
+    assert server.factory.open == 3
+    newcomer = server.connect()
+    assert newcomer is not None
+    first = clients[0]
+    assert first is not None and first[1].disconnected  # aborted
+    assert [c[1].disconnected for c in clients[1:] if c] == [False, False]
+    assert server.factory.open == 3
+    lose(first)
+    assert len(server.factory.protocols) == 3
+    # The newcomer is served.
+    newcomer[0].dataReceived(deploy_request())
+    server.sink.release()
+    assert newcomer[1].value().startswith(b"HTTP/1.1 202 ")
+    assert server.dropped("evicted") == 1
+    assert server.dropped("refused") == 0
+
+
+def test_connections_being_answered_are_never_dropped_and_beyond_them_new_ones_are_refused(
+) -> None:
+    server = Server(limit=2)
+    answered, waiting = server.connect(), server.connect()
+    assert answered is not None and waiting is not None
+    answered[0].dataReceived(deploy_request())  # now being answered: the sink hangs
+    third = server.connect()
+    assert third is not None
+    assert waiting[1].disconnected and not answered[1].disconnected
+    lose(waiting)
+    third[0].dataReceived(deploy_request())
+    assert server.connect() is None  # both are being answered
+    assert server.dropped("refused") == 1
+    server.sink.release()
+    # Answered, they wait for their next request: the one waiting longest makes room.
+    assert server.connect() is not None
+    assert answered[1].disconnected and not third[1].disconnected
+
+
+def test_connections_still_closing_are_bounded() -> None:
+    server = Server(limit=EVICTION_BURST + 5)
+    for _ in range(server.limit):
+        assert server.connect() is not None
+    made_room = [server.connect() for _ in range(EVICTION_BURST)]
+    assert all(c is not None for c in made_room)
+    assert len(server.factory.protocols) == server.limit + EVICTION_BURST
+    assert server.connect() is None  # the evicted ones have not closed yet
+    assert server.dropped("evicted") == EVICTION_BURST
+    assert server.dropped("refused") == 1
+    for wrapper in [w for w in server.factory.protocols if w.transport.disconnected]:
+        wrapper.connectionLost(Failure(ConnectionDone()))
+    assert len(server.factory.protocols) == server.limit
+    assert server.connect() is not None
+
+
+def test_drops_are_logged_once_a_minute_at_most() -> None:
+    server = Server(limit=1)
+
+    def gone() -> None:
+        """The reactor's part: connections being closed are gone."""
+        for wrapper in [w for w in server.factory.protocols if w.transport.disconnecting]:
+            wrapper.connectionLost(Failure(ConnectionDone()))
+
+    def connect() -> None:
+        gone()
+        server.connect()
+        gone()
+
+    with capturedLogs() as events:
+        for _ in range(5):
+            connect()
+        server.clock.advance(TIMEOUT - 1)
+        connect()
+        server.clock.advance(TIMEOUT)  # the newest one times out
+        server.clock.advance(60 - 2 * TIMEOUT)
+        connect()  # the one that timed out has gone: room enough
+        server.clock.advance(1)
+        connect()
+    lines = [formatEvent(e) for e in events if "dropping client connections" in formatEvent(e)]
+    assert len(lines) == 2, lines
+    assert lines[1] == (
+        "dropping client connections: 1 without a whole request within --request_timeout 10s,"
+        " 6 waiting for theirs at the limit of 1 connections, 0 refused at that limit (counts"
+        " since start)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("nofile", "limit"),
+    [(1024, 1024 - RESERVED_FDS), (65536, MAX_CONNECTIONS), (RESERVED_FDS + 10, 10),
+     (RESERVED_FDS, 1), (resource.RLIM_INFINITY, MAX_CONNECTIONS)],
+)
+def test_connection_limit_stays_below_rlimit_nofile(nofile: int, limit: int) -> None:
+    assert connection_limit(nofile) == limit
+
+
+def test_connection_limit_of_this_process() -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert connection_limit() == connection_limit(soft)
