@@ -29,25 +29,41 @@ from twisted.web.iweb import IRequest
 from deployer.errors import ConfigError, Unauthorized
 
 TOKEN_ENV = "DEPLOYER_WEBHOOK_TOKEN"
-GITHUB_SIGNATURE_HEADER = b"x-hub-signature-256"
 
 _MAX_CANDIDATES = 8
 
 
-def _check_token(token: str, where: str) -> str:
-    if not token:
-        raise ConfigError(f"the webhook token from {where} is empty")
-    if not token.isprintable() or any(c.isspace() for c in token):
-        raise ConfigError(
-            f"the webhook token from {where} contains whitespace or control characters"
-        )
-    return token
+@attrs.frozen
+class SecretSource:
+    """One kind of secret: ``what`` it is (for messages), the environment variable ``env`` read
+    when neither flag gives it, and ``spaces`` when it may hold spaces (a key that is never
+    sent, unlike a token)."""
+
+    what: str
+    env: str
+    spaces: bool = False
+
+
+WEBHOOK_TOKEN = SecretSource("webhook token", TOKEN_ENV)
+GITHUB_SECRET = SecretSource("GitHub webhook secret", "DEPLOYER_GITHUB_SECRET", spaces=True)
+
+
+def _check_secret(secret: str, what: str, where: str, spaces: bool = False) -> str:
+    if not secret:
+        raise ConfigError(f"the {what} from {where} is empty")
+    if not secret.isprintable():
+        raise ConfigError(f"the {what} from {where} contains control characters")
+    if not spaces and any(c.isspace() for c in secret):
+        raise ConfigError(f"the {what} from {where} contains whitespace")
+    return secret
 
 
 def _encode_tokens(tokens: Sequence[str]) -> tuple[bytes, ...]:
     if isinstance(tokens, str):
         raise TypeError("tokens must be a sequence of strings, not one string")
-    return tuple(_check_token(t, "the configuration").encode("utf-8") for t in tokens)
+    return tuple(
+        _check_secret(t, WEBHOOK_TOKEN.what, "the configuration").encode("utf-8") for t in tokens
+    )
 
 
 @attrs.frozen
@@ -125,36 +141,47 @@ def verify_github_signature(secret: bytes, body: bytes, header: bytes | None) ->
         raise Unauthorized("invalid X-Hub-Signature-256 signature")
 
 
-def load_token(
-    flag_value: str | None, file_path: str | None, environ: Mapping[str, str]
+def load_secret(
+    source: SecretSource, flag_value: str | None, file_path: str | None,
+    environ: Mapping[str, str],
 ) -> str | None:
-    """The webhook token from ``--webhook_token``, ``--webhook_token_file`` or
-    ``$DEPLOYER_WEBHOOK_TOKEN``, in that order; None when none of them is set.
+    """The secret from the flag, the file or the environment variable, in that order; None
+    when none of them is set (an empty value counts as not set).
 
     The file's trailing newline is stripped. Giving both the flag and the file is an error, as
-    are an unreadable or empty file and a token with whitespace or control characters.
+    are an unreadable or empty file and a secret with control characters (or whitespace, unless
+    ``source.spaces``).
     """
+    what, spaces = source.what, source.spaces
     if flag_value and file_path:
-        raise ConfigError("give the webhook token either inline or as a file, not both")
+        raise ConfigError(f"give the {what} either inline or as a file, not both")
     if flag_value:
-        return _check_token(flag_value, "the command line")
+        return _check_secret(flag_value, what, "the command line", spaces)
     if file_path:
         try:
             with open(file_path, "rb") as f:
                 raw = f.read(64 * 1024)
         except OSError as e:
             raise ConfigError(
-                f"cannot read the webhook token file {file_path}: {e.strerror or e}"
+                f"cannot read the {what} file {file_path}: {e.strerror or e}"
             ) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ConfigError(f"the webhook token file {file_path} is not UTF-8") from None
-        return _check_token(text.rstrip("\r\n"), f"the file {file_path}")
-    value = environ.get(TOKEN_ENV)
+            raise ConfigError(f"the {what} file {file_path} is not UTF-8") from None
+        return _check_secret(text.rstrip("\r\n"), what, f"the file {file_path}", spaces)
+    value = environ.get(source.env)
     if value:
-        return _check_token(value, f"${TOKEN_ENV}")
+        return _check_secret(value, what, f"${source.env}", spaces)
     return None
+
+
+def load_token(
+    flag_value: str | None, file_path: str | None, environ: Mapping[str, str]
+) -> str | None:
+    """The webhook token from ``--webhook_token``, ``--webhook_token_file`` or
+    ``$DEPLOYER_WEBHOOK_TOKEN`` (see :func:`load_secret`)."""
+    return load_secret(WEBHOOK_TOKEN, flag_value, file_path, environ)
 
 
 def peer(request: IRequest) -> str:

@@ -293,9 +293,11 @@ class DockerClient:
         reactor: Any,
         url: str = DEFAULT_DOCKER_URL,
         credentials: Credentials | None = None,
+        pull_stall_timeout: float = PULL_STALL_TIMEOUT,
     ) -> DockerClient:
         pool = engine_pool(reactor)
-        return cls(reactor, engine_agent(reactor, url, pool), "http://docker", credentials, pool)
+        return cls(reactor, engine_agent(reactor, url, pool), "http://docker", credentials, pool,
+                   pull_stall_timeout=pull_stall_timeout)
 
     def close(self) -> Deferred[None]:
         if self.pool is None:

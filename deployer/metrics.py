@@ -1,5 +1,5 @@
-"""Prometheus metrics of one daemon, in a registry of its own (never the process-wide default),
-and the ``/metrics`` resource that serves them."""
+"""Prometheus metrics of one daemon, in a registry of its own (never the process-wide default).
+``GET /metrics`` (:mod:`deployer.webhook`) serves them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.process_collector import ProcessCollector
-from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
 
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -77,23 +75,21 @@ class Metrics:
             "1 while the etcd watch is established, else 0.",
             registry=r,
         )
+        self.http_connections = Gauge(
+            "deployer_http_connections",
+            "Client connections open.",
+            registry=r,
+        )
+        self.http_connections_dropped = Counter(
+            "deployer_http_connections_dropped",
+            "Client connections dropped, by reason: timeout (no whole request within"
+            " --request_timeout), evicted (the one that waited longest for its request, to make"
+            " room at the connection limit), refused (closed at once at the limit).",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-
-class MetricsResource(Resource):
-    """``GET /metrics``: the Prometheus text format of one :class:`Metrics`."""
-
-    isLeaf = True
-
-    def __init__(self, metrics: Metrics) -> None:
-        super().__init__()
-        self.metrics = metrics
-
-    def render_GET(self, request: IRequest) -> bytes:
-        body, content_type = self.metrics.render()
-        request.setHeader(b"content-type", content_type.encode("ascii"))
-        request.setHeader(b"cache-control", b"no-store")
-        return body

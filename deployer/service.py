@@ -1,30 +1,49 @@
-"""The daemon as one ``MultiService``, built from a :class:`deployer.config.Config`."""
+"""The daemon as one service: :class:`DeployerService`, built from a
+:class:`deployer.config.Config` by :meth:`DeployerService.from_config`.
+
+Every part is made in :meth:`~DeployerService.from_config` and attached in
+:meth:`~DeployerService.__attrs_post_init__`, nowhere else: the round's observers (metrics and the
+deploy report to the notifiers), the etcd watch in fleet mode, the listening port, the safety
+re-pull on the reactor's clock, and the closers that run when the service stops.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 from treq.client import HTTPClient
 from twisted.application import strports
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from deployer.auth import TokenAuth
+from deployer.config import Config
 from deployer.docker import DockerClient
 from deployer.errors import DockerError
+from deployer.etcd import Etcd, EtcdConfig, WatchService
 from deployer.metrics import Metrics
-from deployer.model import Update
+from deployer.model import EVERY_IMAGE, Update
+from deployer.notify import (
+    DeployReport,
+    DockerHubCallback,
+    Notifiers,
+    SlackNotifier,
+    WebhookNotifier,
+)
 from deployer.reconcile import Reconciler, RoundReport
-
-if TYPE_CHECKING:
-    from deployer.notify import DeployReport
+from deployer.site import ConnectionLimit, Drops, WebhookSite, connection_limit
+from deployer.webhook import Sink, WebhookApp
 
 log = Logger()
+
+#: Something to close when the daemon stops (a connection pool, the etcd client).
+Closer = Callable[[], Awaitable[object]]
 
 
 @attrs.define
@@ -44,7 +63,7 @@ class EtcdSink:
     """Fleet mode: an update is accepted once etcd has acknowledged it; every host's watch
     (this one's too) then runs the round."""
 
-    etcd: Any
+    etcd: Etcd
 
     async def accept(self, updates: Sequence[Update]) -> str:
         try:
@@ -62,8 +81,10 @@ class EtcdSink:
 
 @attrs.define
 class Health:
+    """``/healthz``: the engine answers ``/_ping``, and the etcd watch (fleet mode) is live."""
+
     docker: DockerClient
-    watch: Any = None
+    watch: WatchService | None = None
 
     async def __call__(self) -> str | None:
         try:
@@ -75,111 +96,8 @@ class Health:
         return None
 
 
-class _Closing(Service):
-    """Closes connection pools and cancels retries when the daemon stops."""
-
-    def __init__(self, reconciler: Reconciler, closers: Sequence[Any]) -> None:
-        self.reconciler = reconciler
-        self.closers = closers
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        self.reconciler.stop()
-        return DeferredList([Deferred.fromCoroutine(_maybe(c())) for c in self.closers])
-
-
-async def _maybe(result: Any) -> None:
-    if isinstance(result, Deferred) or hasattr(result, "__await__"):
-        await result
-
-
-def make_service(config: Any, reactor: Any) -> MultiService:
-    from deployer.auth import TokenAuth
-    from deployer.notify import DockerHubCallback, Notifiers, SlackNotifier, WebhookNotifier
-    from deployer.webhook import WebhookApp, WebhookSite
-
-    top = MultiService()
-    metrics = Metrics()
-    docker = DockerClient.from_url(reactor, config.docker, config.credentials)
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory.noisy = False
-    http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=10))
-    notifiers = Notifiers(
-        slack=SlackNotifier(http, reactor, config.slack_webhook_url, config.slack_username)
-        if config.slack_webhook_url else None,
-        webhook=WebhookNotifier(http, reactor, config.notify_url) if config.notify_url else None,
-    )
-
-    def notify(report: RoundReport) -> None:
-        notifiers.deployed(deploy_report(config.hostname, report))
-
-    reconciler = Reconciler(
-        reactor,
-        docker,
-        kill_timeout=config.kill_timeout,
-        max_pulls=config.max_threads,
-        observers=[partial(count_round, metrics), notify],
-    )
-
-    closers: list[Any] = [docker.close, pool.closeCachedConnections]
-    watch = None
-    if config.standalone:
-        sink: Any = LocalSink(reconciler)
-        context = f"deployer={config.hostname}"
-    else:
-        from deployer.etcd import Etcd, EtcdConfig
-
-        etcd = Etcd(
-            reactor,
-            EtcdConfig(
-                nodes=config.etcd_nodes,
-                prefix=config.etcd_prefix,
-                dial_timeout=config.etcd_dial_timeout,
-                retry_delay=config.etcd_retry_delay,
-                strong_consistency=config.strong_consistency,
-            ),
-        )
-        sink = EtcdSink(etcd)
-        watch = etcd.watch(reconciler.request)
-        watch.on_reconnect = metrics.etcd_watch_reconnects.inc
-        live = watch
-        metrics.watch_live.set_function(lambda: 1.0 if live.live else 0.0)
-        watch.setServiceParent(top)
-        closers.append(etcd.close)
-        context = f"deployer={config.hostname} via etcd"
-
-    app = WebhookApp(
-        clock=reactor,
-        sink=sink,
-        health=Health(docker, watch),
-        auth=TokenAuth(config.webhook_tokens) if config.webhook_tokens else None,
-        callbacks=DockerHubCallback(http, reactor, config.callback_hosts),
-        webhook_path=config.webhook_path,
-        public_url=config.public_url,
-        context=context,
-        metrics=metrics,
-        github_secret=config.github_secret.encode() if config.github_secret else None,
-    )
-    site = WebhookSite(app.resource())
-    strports.service(config.listen, site).setServiceParent(top)
-
-    if config.repull_period > 0:
-        repull = TimerService(
-            config.repull_period,
-            lambda: reconciler.request(Update("*", source="repull", received=reactor.seconds())),
-        )
-        repull.clock = reactor
-        repull.setServiceParent(top)
-
-    _Closing(reconciler, closers).setServiceParent(top)
-    return top
-
-
 def deploy_report(hostname: str, report: RoundReport) -> DeployReport:
     """What notifications carry: what was deployed where."""
-    from deployer.notify import DeployReport
-
     return DeployReport(
         host=hostname,
         pattern=", ".join(report.patterns),
@@ -192,6 +110,7 @@ def deploy_report(hostname: str, report: RoundReport) -> DeployReport:
 
 
 def count_round(metrics: Metrics, report: RoundReport) -> None:
+    """The round counter: pulls, their durations, containers stopped, rounds."""
     for seconds in report.pull_seconds.values():
         metrics.pulls.labels(result="ok").inc()
         metrics.pull_duration.observe(seconds)
@@ -199,3 +118,169 @@ def count_round(metrics: Metrics, report: RoundReport) -> None:
         metrics.pulls.labels(result="error").inc(len(report.failed))
     metrics.containers_stopped.inc(len(report.stopped))
     metrics.rounds.labels(result="ok" if report.ok else "error").inc()
+
+
+def _outgoing_http(reactor: Any) -> tuple[HTTPClient, Closer]:
+    """The client for notifications and callbacks, and what closes its pool."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory.noisy = False
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool.closeCachedConnections
+
+
+@attrs.define(eq=False, slots=False)
+class DeployerService(MultiService):
+    """One daemon: the webhook front door, the update rounds on this host's engine, and, in
+    fleet mode, the etcd watch that feeds them.
+
+    ``reactor`` provides ``IReactorTime``, ``IReactorTCP`` and ``IReactorUNIX``. The parts are
+    public so that tests and tools can look at them; build it with :meth:`from_config`.
+    """
+
+    config: Config
+    reactor: Any
+    metrics: Metrics
+    docker: DockerClient
+    notifiers: Notifiers
+    reconciler: Reconciler
+    sink: Sink
+    app: WebhookApp
+    site: WebhookSite
+    connections: ConnectionLimit
+    etcd: Etcd | None = None
+    watch: WatchService | None = None
+    closers: Sequence[Closer] = ()
+    listener: IService = attrs.field(init=False)
+    repull: TimerService | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        MultiService.__init__(self)
+        self.reconciler.observers.append(partial(count_round, self.metrics))
+        self.reconciler.observers.append(self._report)
+        if self.watch is not None:
+            watch = self.watch
+            watch.on_reconnect = self.metrics.etcd_watch_reconnects.inc
+            self.metrics.watch_live.set_function(lambda: 1.0 if watch.live else 0.0)
+            watch.setServiceParent(self)
+        connections = self.connections
+        self.metrics.http_connections.set_function(lambda: float(connections.open))
+        self.listener = strports.service(self.config.listen, connections, reactor=self.reactor)
+        self.listener.setServiceParent(self)
+        if self.config.repull_period > 0:
+            self.repull = TimerService(self.config.repull_period, self._repull)
+            self.repull.clock = self.reactor
+            self.repull.setServiceParent(self)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        reactor: Any,
+        *,
+        docker: DockerClient | None = None,
+        http: HTTPClient | None = None,
+        etcd_http: HTTPClient | None = None,
+        max_connections: int | None = None,
+    ) -> DeployerService:
+        """Every part of the daemon that ``config`` asks for, on ``reactor``.
+
+        ``docker`` (the engine client), ``http`` (for notifications and Docker Hub callbacks)
+        and ``etcd_http`` (for etcd) replace the ones made from ``config``, for tests; whoever
+        passes them closes them. ``max_connections`` replaces the limit of client connections
+        that ``RLIMIT_NOFILE`` gives (:func:`deployer.site.connection_limit`).
+        """
+        closers: list[Closer] = []
+        metrics = Metrics()
+        if docker is None:
+            docker = DockerClient.from_url(reactor, config.docker, config.credentials,
+                                           pull_stall_timeout=config.pull_stall_timeout)
+            closers.append(docker.close)
+        if http is None:
+            http, close_http = _outgoing_http(reactor)
+            closers.append(close_http)
+        notifiers = Notifiers(
+            slack=SlackNotifier(http, reactor, config.slack_webhook_url, config.slack_username)
+            if config.slack_webhook_url else None,
+            webhook=WebhookNotifier(http, reactor, config.notify_url)
+            if config.notify_url else None,
+        )
+        reconciler = Reconciler(
+            reactor, docker, kill_timeout=config.kill_timeout, max_pulls=config.max_threads
+        )
+
+        sink: Sink
+        etcd = watch = None
+        if config.standalone:
+            sink = LocalSink(reconciler)
+            context = f"deployer={config.hostname}"
+        else:
+            etcd = Etcd(
+                reactor,
+                EtcdConfig(
+                    nodes=config.etcd_nodes,
+                    prefix=config.etcd_prefix,
+                    dial_timeout=config.etcd_dial_timeout,
+                    retry_delay=config.etcd_retry_delay,
+                    strong_consistency=config.strong_consistency,
+                ),
+                http=etcd_http,
+            )
+            sink = EtcdSink(etcd)
+            watch = etcd.watch(reconciler.request)
+            closers.append(etcd.close)
+            context = f"deployer={config.hostname} via etcd"
+
+        app = WebhookApp(
+            clock=reactor,
+            sink=sink,
+            health=Health(docker, watch),
+            auth=TokenAuth(config.webhook_tokens) if config.webhook_tokens else None,
+            callbacks=DockerHubCallback(http, reactor, config.callback_hosts),
+            webhook_path=config.webhook_path,
+            public_url=config.public_url,
+            context=context,
+            metrics=metrics,
+            github_secret=config.github_secret.encode() if config.github_secret else None,
+        )
+        limit = connection_limit() if max_connections is None else max_connections
+        drops = Drops(reactor, metrics, limit, config.request_timeout)
+        site = WebhookSite(app.resource(), reactor=reactor, request_timeout=config.request_timeout,
+                           drops=drops)
+        return cls(
+            config=config,
+            reactor=reactor,
+            metrics=metrics,
+            docker=docker,
+            notifiers=notifiers,
+            reconciler=reconciler,
+            sink=sink,
+            app=app,
+            site=site,
+            connections=ConnectionLimit(site, limit, drops),
+            etcd=etcd,
+            watch=watch,
+            closers=tuple(closers),
+        )
+
+    def _report(self, report: RoundReport) -> None:
+        self.notifiers.deployed(deploy_report(self.config.hostname, report))
+
+    def _repull(self) -> None:
+        self.reconciler.request(
+            Update(EVERY_IMAGE, source="repull", received=self.reactor.seconds())
+        )
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the listener, the watch and the re-pull, start no more rounds, then run the
+        closers; a closer that fails is logged and the others still run."""
+        self.reconciler.stop()
+        stopped = super().stopService()
+
+        async def close() -> None:
+            await stopped
+            for closer in self.closers:
+                try:
+                    await closer()
+                except Exception:
+                    log.failure("closing {closer} failed while stopping", closer=closer)
+
+        return Deferred.fromCoroutine(close())

@@ -33,11 +33,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
@@ -58,10 +55,10 @@ from deployer.formats import (
 )
 from deployer.metrics import Metrics
 from deployer.model import Update
+from deployer.site import MAX_BODY
+from deployer.timeouts import wait_at_most
 
 log = Logger()
-
-MAX_BODY = 1024 * 1024
 #: Harbor gives up on a webhook after 3 s; answer before that even if etcd is slow.
 HARBOR_ANSWER_WITHIN = 2.5
 
@@ -96,18 +93,17 @@ def json_body(request: IRequest, code: int, obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True).encode() + b"\n"
 
 
+#: What an answer tells of each update it accepted: these keys of ``Update.to_json()``, and the
+#: pattern.
+ANSWER_KEYS = ("registry", "repository", "tag", "digest", "source")
+
+
 def describe_updates(updates: Sequence[Update]) -> list[dict[str, Any]]:
-    return [
-        {
-            "registry": u.registry,
-            "repository": u.repository,
-            "tag": u.tag,
-            "digest": u.digest,
-            "source": u.source,
-            "pattern": u.pattern,
-        }
-        for u in updates
-    ]
+    described = []
+    for update in updates:
+        obj = update.to_json()
+        described.append({**{key: obj[key] for key in ANSWER_KEYS}, "pattern": update.pattern})
+    return described
 
 
 @attrs.define
@@ -260,7 +256,7 @@ class WebhookApp:
         if not updates:
             return json_body(request, 202, _accepted(updates))
         accepted = Deferred.fromCoroutine(self._accept(updates))
-        done, result = await _within(self.clock, accepted, HARBOR_ANSWER_WITHIN)
+        done, result = await wait_at_most(self.clock, accepted, HARBOR_ANSWER_WITHIN)
         if not done:
             accepted.addErrback(
                 lambda f: log.failure("harbor update {updates} was not recorded", f,
@@ -397,110 +393,3 @@ def _endpoint(request: IRequest) -> str:
 
 def _path(request: IRequest) -> str:
     return request.path.decode("ascii", "replace")[:200]
-
-
-async def _within(
-    clock: IReactorTime, d: Deferred[Any], seconds: float
-) -> tuple[bool, Any]:
-    """``(True, result or Failure)`` if ``d`` fires within ``seconds``, else ``(False, None)``;
-    ``d`` itself is left running either way."""
-    waiter: Deferred[tuple[bool, Any]] = Deferred()
-
-    def fired(result: Any) -> Any:
-        if waiter.called:
-            return result  # too late: left to the callbacks the caller adds to ``d``
-        timer.cancel()
-        waiter.callback((True, result))
-        return None if isinstance(result, Failure) else result
-
-    def late() -> None:
-        waiter.callback((False, None))
-
-    timer = clock.callLater(seconds, late)
-    d.addBoth(fired)
-    return await waiter
-
-
-class LimitedRequest(Request):
-    """A request whose body may not exceed :data:`MAX_BODY`: a larger one is answered 413 as
-    soon as its ``Content-Length`` (or, chunked, its size so far) shows it, before it is read."""
-
-    max_body = MAX_BODY
-    _refused = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self._refuse()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self.max_body:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return
-        super().requestReceived(command, path, version)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        body = json.dumps({"error": f"body larger than {self.max_body} bytes"}).encode() + b"\n"
-        log.info("refused a request body over {limit} bytes", limit=self.max_body)
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        self.channel.loseConnection()
-
-
-class _MaskedURI:
-    def __init__(self, request: IRequest) -> None:
-        self._request = request
-        self.uri = mask_query(request.uri)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._request, name)
-
-
-def mask_query(uri: bytes) -> bytes:
-    """The request URI for logs: ``?token=…`` (and every other query value) masked."""
-    path, sep, query = uri.partition(b"?")
-    if not sep:
-        return uri
-    masked = b"&".join(p.partition(b"=")[0] + b"=***" for p in query.split(b"&") if p)
-    return path + b"?" + masked
-
-
-def access_log_formatter(timestamp: str, request: IRequest) -> str:
-    """Twisted's combined log format, without query strings (tokens travel there)."""
-    line: str = combinedLogFormatter(timestamp, _MaskedURI(request))
-    return line
-
-
-
-class WebhookSite(Site):
-    """The daemon's ``Site``: request bodies limited (:class:`LimitedRequest`), no form parsing
-    (every endpoint takes JSON), query strings masked in the access log, and only answers that
-    are not 2xx written to it: an accepted webhook already has its own log line naming what it
-    accepted, and health checks and metric scrapes would drown everything else."""
-
-    requestFactory = LimitedRequest
-
-    def __init__(self, resource: IResource, **kwargs: Any) -> None:
-        kwargs.setdefault("logFormatter", access_log_formatter)
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.noisy = False
-
-    def log(self, request: http.Request) -> None:
-        if 200 <= request.code < 300:
-            return
-        super().log(request)

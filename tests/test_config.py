@@ -5,11 +5,15 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 from twisted.python import usage
 
-from deployer.tap import Options, listen_endpoint, parse_duration
+from deployer.config import FLAGS, Config, listen_endpoint, parse_duration
+from deployer.errors import ConfigError
+from deployer.tap import Options
 
 GO_FLAGS = [
     "docker", "dockercfg", "etcd_dial_timeout", "etcd_nodes", "etcd_prefix", "etcd_retry_delay",
@@ -93,7 +97,7 @@ def test_go_durations(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["", "5x", "s", "-5s", "5s3", "1h 2m"])
 def test_bad_durations(text: str) -> None:
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(ConfigError):
         parse_duration(text)
 
 
@@ -218,3 +222,114 @@ def test_credentials_from_both_formats(tmp_path: Path) -> None:
     assert c.credentials.for_image("quay.io/x/y:1") is None
     header = json.loads(base64.urlsafe_b64decode(local.header()))
     assert header == {"username": "u", "password": "p", "serveraddress": "127.0.0.1:5000"}
+
+
+# -- one source of defaults -----------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_flags_defaults() -> None:
+    """``Config()`` and the command line without flags agree on every value."""
+    built = parse(["--insecure_webhooks"])
+    assert attrs.evolve(built, insecure_webhooks=False) == Config(
+        credentials=built.credentials, hostname=built.hostname
+    )
+
+
+def test_every_flag_default_is_in_the_help() -> None:
+    text = " ".join(str(Options(environ={})).split())
+    for flag in FLAGS:
+        assert f"--{flag.name}" in text, flag.name
+        if flag.option_default is not None:
+            assert f"[default: {flag.option_default}]" in text, flag.name
+    assert "[default: $DOCKER_HOST, else unix:///var/run/docker.sock]" in text
+    assert "[default: $DEPLOYER_GITHUB_SECRET]" in text
+    assert "[default: registry.hub.docker.com]" in text
+
+
+def test_empty_values_count_as_not_given() -> None:
+    c = parse(["--etcd_prefix", "", "--registry=", "--slack_username", "", "--hostname=",
+               "--insecure_webhooks"], {"DOCKER_HOST": "tcp://10.0.0.1:2375"})
+    assert c.etcd_prefix == "/deployer"
+    assert c.registry == "https://index.docker.io/v1/"
+    assert c.slack_username == "Deployer"
+    assert c.hostname
+    assert parse(["--docker=", "--insecure_webhooks"],
+                 {"DOCKER_HOST": "tcp://10.0.0.1:2375"}).docker == "tcp://10.0.0.1:2375"
+    # An empty list of callback hosts is a value: callbacks go nowhere.
+    assert parse(["--callback_hosts=", "--insecure_webhooks"]).callback_hosts == frozenset()
+    assert parse(["--insecure_webhooks"]).callback_hosts == {"registry.hub.docker.com"}
+
+
+# -- secrets: the webhook token and the GitHub secret follow the same rules ----------------------
+
+
+SECRETS = [
+    ("webhook_token", "DEPLOYER_WEBHOOK_TOKEN", lambda c: c.webhook_tokens[0]),
+    ("github_secret", "DEPLOYER_GITHUB_SECRET", lambda c: c.github_secret),
+]
+
+
+@pytest.mark.parametrize(("flag", "env", "get"), SECRETS)
+def test_secret_from_flag_file_or_environment(
+    tmp_path: Path, flag: str, env: str, get: Any
+) -> None:
+    path = tmp_path / "secret"
+    path.write_text("from-file\n")
+    environ = {"DEPLOYER_WEBHOOK_TOKEN": "token", env: "from-env"}
+    assert get(parse([f"--{flag}", "from-flag"], environ)) == "from-flag"
+    assert get(parse([f"--{flag}_file", str(path)], environ)) == "from-file"
+    assert get(parse([], environ)) == "from-env"
+
+
+@pytest.mark.parametrize(("flag", "env", "get"), SECRETS)
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [(b"", "is empty"), (b"\n", "is empty"), (b"a\x01b", "control characters"),
+     (None, "cannot read")],
+)
+def test_bad_secret_files_stop_start_up(
+    tmp_path: Path, flag: str, env: str, get: Any, content: bytes | None, words: str
+) -> None:
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(usage.UsageError, match=words):
+        parse([f"--{flag}_file", str(path), "--insecure_webhooks"],
+              {"DEPLOYER_WEBHOOK_TOKEN": "token", env: "from-env"})
+
+
+@pytest.mark.parametrize(("flag", "env", "get"), SECRETS)
+def test_secret_inline_and_as_a_file_is_refused(
+    tmp_path: Path, flag: str, env: str, get: Any
+) -> None:
+    path = tmp_path / "secret"
+    path.write_text("x")
+    with pytest.raises(usage.UsageError, match="not both"):
+        parse([f"--{flag}", "y", f"--{flag}_file", str(path), "--insecure_webhooks"])
+
+
+def test_github_secret_may_hold_spaces_a_token_may_not(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("It's a Secret to Everybody\n")
+    assert parse(["--github_secret_file", str(path), "--insecure_webhooks"]).github_secret == (
+        "It's a Secret to Everybody"
+    )
+    with pytest.raises(usage.UsageError, match="whitespace"):
+        parse(["--webhook_token_file", str(path)])
+
+
+def test_request_and_pull_stall_timeouts() -> None:
+    c = parse(["--insecure_webhooks"])
+    assert (c.request_timeout, c.pull_stall_timeout) == (10.0, 120.0)
+    c = parse(["--insecure_webhooks", "--request-timeout=3s", "-pull_stall_timeout", "1m30s"])
+    assert (c.request_timeout, c.pull_stall_timeout) == (3.0, 90.0)
+    text = " ".join(str(Options(environ={})).split())
+    assert "--request_timeout=" in text and "[default: 10s]" in text
+    assert "--pull_stall_timeout=" in text and "[default: 2m]" in text
+
+
+@pytest.mark.parametrize("flag", ["request_timeout", "pull_stall_timeout"])
+@pytest.mark.parametrize("value", ["0", "0s", "-1s", "soon", "inf"])
+def test_bad_timeouts_are_refused(flag: str, value: str) -> None:
+    with pytest.raises(usage.UsageError, match=flag):
+        parse([f"--{flag}={value}", "--insecure_webhooks"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -242,8 +244,6 @@ def test_sigterm_ends_the_daemon_while_etcd_never_answers(
     clean_dockerd: Dockerd, tmp_path: Path,
 ) -> None:
     """A member that accepts connections and never answers must not keep the daemon alive."""
-    import socket
-
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
@@ -262,3 +262,188 @@ def test_sigterm_ends_the_daemon_while_etcd_never_answers(
         assert "Traceback" not in daemon.log()
     finally:
         silent.close()
+
+
+# -- a connection flood locks nobody out ---------------------------------------------------------
+
+
+class Tricklers:
+    """``count`` connections to ``port``, opened 64 at a time, that send a request one byte a
+    second, forever; records when each was opened and when the daemon closed it."""
+
+    def __init__(self, port: int, count: int) -> None:
+        import queue
+        import selectors
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.count = count
+        self.opened: dict[int, float] = {}
+        self.closed: dict[int, float] = {}
+        self._sockets: dict[int, socket.socket] = {}
+        self._new: queue.Queue[tuple[int, socket.socket]] = queue.Queue()
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+        def open_one(index: int) -> None:
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.setblocking(False)
+            self.opened[index] = time.monotonic()
+            self._new.put((index, s))
+
+        with ThreadPoolExecutor(64) as pool:
+            list(pool.map(open_one, range(count)))
+
+    def _close(self, index: int) -> None:
+        if index not in self.closed:
+            self.closed[index] = time.monotonic()
+            self._selector.unregister(self._sockets[index])
+
+    def _run(self) -> None:
+        import queue
+
+        request = b"POST /api/deploy HTTP/1.1\r\nHost: deployer\r\nX-Slow: " + b"a" * 10_000
+        sent: dict[int, int] = {}
+        next_byte = time.monotonic()
+        while not self._stop.is_set():
+            while True:
+                try:
+                    index, s = self._new.get_nowait()
+                except queue.Empty:
+                    break
+                self._sockets[index] = s
+                sent[index] = 0
+                self._selector.register(s, 1, index)  # EVENT_READ
+            for key, _ in self._selector.select(timeout=0.02):
+                try:
+                    data = self._sockets[key.data].recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._close(key.data)
+            if time.monotonic() >= next_byte:
+                next_byte += 1.0
+                for index, s in list(self._sockets.items()):
+                    if index in self.closed:
+                        continue
+                    try:
+                        s.send(request[sent[index]:sent[index] + 1])
+                        sent[index] += 1
+                    except OSError:
+                        self._close(index)
+
+    def wait_all_closed(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.closed) < self.count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for s in self._sockets.values():
+            s.close()
+        self._selector.close()
+
+
+def test_a_flood_of_trickling_connections_locks_nobody_out(
+    clean_dockerd: Dockerd, daemon_factory: Callable[..., Daemon],
+) -> None:
+    """1,100 connections that send one byte a second, to a daemon limited to 1,024 file
+    descriptors (systemd's default): new clients are answered at once, the trickling ones are
+    dropped after --request_timeout, and the listener never runs out of descriptors."""
+    request_timeout = 5.0  # longer than opening them all takes, on a busy machine too
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0",
+                            "--request_timeout", f"{request_timeout:g}s",
+                            wrapper=["prlimit", "--nofile=1024", "--"])
+    assert daemon.process is not None
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert re.search(r"Max open files\s+1024\s+1024", limits), limits
+
+    tricklers = Tricklers(daemon.port, 1100)
+    try:
+        flood_open = max(tricklers.opened.values())
+        opening_took = flood_open - min(tricklers.opened.values())
+        # While they trickle, new clients are answered at once.
+        answers = []
+        while time.monotonic() < flood_open + request_timeout - 1:
+            asked = time.monotonic()
+            status, _ = daemon.get("/healthz", timeout=2)
+            answers.append((status, time.monotonic() - asked))
+            time.sleep(0.1)
+        status, body = daemon.post_json("/api/deploy", {"repository": "myorg/flood"}, timeout=2)
+        assert status == 202, body
+        assert answers and all(status == 200 for status, _ in answers), answers
+        assert max(seconds for _, seconds in answers) < 1.0, answers
+        # And every trickling one is dropped, at its deadline at the latest.
+        tricklers.wait_all_closed(request_timeout + 5)
+        assert len(tricklers.closed) == 1100, f"{1100 - len(tricklers.closed)} still open"
+        lived = sorted(tricklers.closed[i] - tricklers.opened[i] for i in range(1100))
+    finally:
+        tricklers.stop()
+    assert lived[-1] < request_timeout + 2, lived[-10:]
+
+    m = metrics_of(daemon)
+    dropped = {reason: m.get(("deployer_http_connections_dropped_total",
+                              (("reason", reason),)), 0.0)
+               for reason in ("timeout", "evicted", "refused")}
+    assert sum(dropped.values()) >= 1100, dropped
+    # More than the limit (1024 - 128 descriptors kept free) trickled at once: beyond it, the
+    # ones that waited longest made room (or, while too many were still closing, the newcomer
+    # was refused); the others lived until their deadline, not less.
+    assert opening_took < request_timeout
+    assert dropped["evicted"] > 0, dropped
+    assert dropped["evicted"] + dropped["refused"] >= 1100 - 896, dropped
+    assert dropped["timeout"] >= 500, dropped
+    assert lived[-int(dropped["timeout"])] >= request_timeout - 0.5, lived[:10]
+    assert m[("deployer_http_connections", ())] <= 2
+    assert m[("deployer_process_max_fds", ())] == 1024
+    log = daemon.log()
+    assert "EMFILE" not in log
+    assert "dropping client connections" in log
+
+
+def metrics_of(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = daemon.get("/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# -- nothing secret in the log --------------------------------------------------------------------
+
+
+def test_bare_queries_and_referers_never_reach_the_log(
+    clean_dockerd: Dockerd, daemon_factory: Callable[..., Daemon],
+) -> None:
+    daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0")
+    referer = {"Referer": "https://ci:REFSECRET1@ci.example.com:8443/job/7?token=REFSECRET2"}
+    asked = [
+        ("POST", "/api/deploy?BARESECRET", False, 401),
+        ("POST", "/api/deploy?token=WRONGSECRET&x", False, 401),
+        ("GET", "/nothing?VALUESECRET", True, 404),
+        ("POST", "/api/deploy?a=VALUESECRET2&BARESECRET2", True, 400),
+    ]
+    for method, path, auth, expected in asked:
+        status, _ = daemon.request(method, path, b"{}", headers=referer, auth=auth)
+        assert status == expected, path
+    expected_lines = [
+        '"POST /api/deploy?*** HTTP/1.1" 401',
+        '"POST /api/deploy?token=***&*** HTTP/1.1" 401',
+        '"GET /nothing?*** HTTP/1.1" 404',
+        '"POST /api/deploy?a=***&*** HTTP/1.1" 400',
+    ]
+    deadline = time.monotonic() + 10
+    while not all(line in daemon.log() for line in expected_lines):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.1)
+    log = daemon.log()
+    assert log.count('"https://ci.example.com:8443"') == len(asked)
+    for secret in ("BARESECRET", "WRONGSECRET", "VALUESECRET", "REFSECRET", "/job/7"):
+        assert secret not in log, secret

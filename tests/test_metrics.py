@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
-from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from deployer.metrics import Metrics, MetricsResource
+from deployer.metrics import Metrics
+from deployer.model import Update
+from deployer.site import WebhookSite
+from deployer.webhook import WebhookApp
 
 
 def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -103,30 +103,21 @@ def test_given_registry() -> None:
     assert registry.get_sample_value("deployer_rounds_total", {"result": "error"}) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_resource_with_stub() -> None:
-    metrics = Metrics()
-    exercise(metrics)
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(metrics))
-    stub = StubTreq(root)
-    response = await stub.get("http://deployer/metrics")
-    assert response.code == 200
-    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
-    got = samples(await response.content())
-    assert got[("deployer_watch_live", ())] == 1
-    head = await stub.head("http://deployer/metrics")
-    assert head.code == 200
-    post = await stub.post("http://deployer/metrics", data=b"")
-    assert post.code == 405
+async def healthy() -> None:
+    return None
+
+
+class NoSink:
+    async def accept(self, updates: Sequence[Update]) -> str:
+        raise AssertionError("no webhook is sent here")
 
 
 @pytest.fixture
 def served_metrics() -> Iterator[tuple[str, Metrics]]:
+    """``GET /metrics`` as the daemon serves it: its app, in its site, on a real port."""
     metrics = Metrics()
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(metrics))
-    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    app = WebhookApp(clock=reactor, sink=NoSink(), health=healthy, auth=None, metrics=metrics)
+    port = reactor.listenTCP(0, WebhookSite(app.resource()), interface="127.0.0.1")
     yield f"http://127.0.0.1:{port.getHost().port}/metrics", metrics
     pytest_twisted.blockon(port.stopListening())
 
@@ -141,9 +132,15 @@ async def test_real_scrape(served_metrics: tuple[str, Metrics]) -> None:
         exercise(metrics)
         response = await http.get(url)
         second = samples(await response.content())
+        head = await http.head(url)
+        post = await http.post(url, data=b"")
+        await post.content()
     finally:
         await pool.closeCachedConnections()
     assert first[("deployer_containers_stopped_total", ())] == 0
     for key, value in EXPECTED.items():
         assert second[key] == pytest.approx(value), key
     assert response.headers.getRawHeaders(b"cache-control") == [b"no-store"]
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    assert head.code == 200
+    assert post.code == 405

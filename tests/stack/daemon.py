@@ -20,8 +20,11 @@ class Daemon:
     """One ``twistd --nodaemon deployer`` process listening on 127.0.0.1:``port``."""
 
     def __init__(self, workdir: Path, args: Sequence[str], token: str | None = "test-token",
-                 env: Mapping[str, str] | None = None, port: int | None = None) -> None:
+                 env: Mapping[str, str] | None = None, port: int | None = None,
+                 wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command that runs the daemon (``prlimit --nofile=1024 --``)."""
         self.workdir = workdir
+        self.wrapper = list(wrapper)
         self.port = port or free_port()
         self.token = token
         self.args = list(args)
@@ -34,7 +37,7 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "twisted", "--log-format=text", "deployer",
+        args = [*self.wrapper, sys.executable, "-m", "twisted", "--log-format=text", "deployer",
                 "--listen", f"127.0.0.1:{self.port}", *self.args]
         if self.token:
             args += ["--webhook_token", self.token]
