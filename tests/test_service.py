@@ -31,6 +31,7 @@ from twisted.web.server import Site
 from deployer.config import Config
 from deployer.service import DeployerService
 from deployer.site import connection_limit
+from deployer.testing.fake_etcd import FakeEtcd
 from deployer.testing.memory_docker import MemoryDocker
 from tests.helpers import fired
 
@@ -43,14 +44,7 @@ RECORDER = ("127.0.0.1", 9000)
 
 def etcd_gateway(clock: IReactorTime) -> IResource:
     """An in-memory etcd JSON gateway (every member of one cluster)."""
-    try:
-        from deployer.testing.fake_etcd import FakeEtcd
-    except ImportError:
-        from tests.test_etcd import FakeEtcd as Gateway
-
-        resource: IResource = Gateway()
-        return resource
-    return FakeEtcd(clock).resource()
+    return FakeEtcd(clock)
 
 
 class Recorder(Resource):
