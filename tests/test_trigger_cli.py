@@ -151,6 +151,8 @@ async def test_trigger_failures_exit_1(deployer_url: tuple[str, FakeDeployer]) -
     assert "HTTP 500" in e500
     assert cdown == 1 and "no answer from" in edown and "refused" in edown
     assert cslow == 1 and "none within 0.5 s" in eslow
+    for err in (e401, e500, edown, eslow):
+        assert err.startswith("deployer trigger: ") and err.count("\n") == 1, err
     assert {r.body["repository"] for r in fake.received} == {
         "answer/401", "answer/500", "answer/silent"
     }
@@ -183,7 +185,8 @@ async def test_trigger_usage_errors_exit_2(
     )
     for code, out, err in results:
         assert code == 2, (out, err)
-        assert "usage: deployer trigger" in err
+        assert err.startswith("deployer trigger: ") and err.count("\n") == 1, err
+        assert err.endswith("(see: deployer trigger --help)\n")
         assert out == ""
     assert "invalid reference 'MyOrg/Foo'" in results[0][2]
     assert "every image" in results[1][2]
@@ -199,7 +202,9 @@ def test_main_usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit) as e:
         main(argv, environ={})
     assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("deployer") and err.count("\n") == 1
+    assert err.endswith(" --help)\n")
 
 
 def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:

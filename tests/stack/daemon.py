@@ -1,4 +1,10 @@
-"""The deployer daemon itself as a process under test: ``twistd -n deployer ...``."""
+"""The deployer daemon itself as a process under test: ``twistd -n deployer ...``.
+
+It logs through ``--logger deployer.logs.json``, so every event the daemon emits in the real
+tests goes through the JSON observer: :meth:`Daemon.stop` checks that each line of the log is
+a JSON object of the documented shape and that no secret given to the daemon appears anywhere,
+and :meth:`Daemon.log` gives the same lines back as readable text.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,17 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tests.stack.docker_stack import StackError, free_port, log_tail, wait_until
+
+# twistd as a module (twisted.scripts.twistd has no ``__main__``), with this interpreter.
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+LEVELS = ("debug", "info", "warn", "error", "critical")
+SECRET_FLAGS = ("--webhook_token", "--github_secret", "--slack_webhook_url")
+SECRET_ENV = ("DEPLOYER_WEBHOOK_TOKEN", "DEPLOYER_GITHUB_SECRET", "SLACK_WEBHOOK_URL")
 
 
 class Daemon:
@@ -37,7 +50,8 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = [*self.wrapper, sys.executable, "-m", "twisted", "--log-format=text", "deployer",
+        args = [*self.wrapper, sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=",
+                "--logger", "deployer.logs.json", "deployer",
                 "--listen", f"127.0.0.1:{self.port}", *self.args]
         if self.token:
             args += ["--webhook_token", self.token]
@@ -55,7 +69,7 @@ class Daemon:
         try:
             wait_until(lambda: self._answers(healthy), timeout, what, 0.05, self._dead)
         except StackError as e:
-            self.stop()
+            self.stop(check=False)
             raise StackError(f"{e}\n{log_tail(self.log_path)}") from None
         return self
 
@@ -94,10 +108,39 @@ class Daemon:
     def post_json(self, path: str, obj: Any, **kw: Any) -> tuple[int, Any]:
         return self.request("POST", path, json.dumps(obj).encode(), **kw)
 
-    def log(self) -> str:
+    def raw_log(self) -> str:
+        """The log as the daemon wrote it: JSON lines."""
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 15.0) -> int | None:
+    def log(self) -> str:
+        """The log as text, one ``TIME [NAMESPACE#LEVEL] MESSAGE`` line per event (tracebacks
+        follow their event, indented); a line that is not JSON is kept as it is."""
+        return "".join(readable(line) for line in self.raw_log().splitlines(keepends=True))
+
+    def secrets(self) -> list[str]:
+        """Every secret this daemon was given: its token, secret flags, secret environment."""
+        found = [self.token] if self.token else []
+        for i, arg in enumerate(self.args):
+            name, eq, value = arg.partition("=")
+            if name in SECRET_FLAGS:
+                found.append(value if eq else self.args[i + 1] if i + 1 < len(self.args) else "")
+        found += [self.env[name] for name in SECRET_ENV if name in self.env]
+        return [s for s in found if s]
+
+    def check_log(self) -> None:
+        """Each line is a JSON object with time, level, namespace and message; no secret of
+        :meth:`secrets` appears anywhere. :class:`StackError` says what is wrong."""
+        raw = self.raw_log()
+        problems = [f"line {n}: {why}: {line[:300]!r}"
+                    for n, line in enumerate(raw.splitlines(), 1)
+                    if (why := log_line_problem(line)) is not None]
+        problems += [f"a secret given to the daemon is in its log: {secret[:3]}..."
+                     for secret in self.secrets() if secret in raw]
+        if problems:
+            raise StackError(f"{self.log_path}: " + "; ".join(problems[:10]))
+
+    def stop(self, timeout: float = 15.0, check: bool = True) -> int | None:
+        """SIGTERM, wait (SIGKILL after ``timeout``); with ``check``, :meth:`check_log` then."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -107,4 +150,41 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if check:
+            self.check_log()
         return self.process.returncode
+
+
+def log_line_problem(line: str) -> str | None:
+    """Why ``line`` is not a JSON log line of deployer.logs, or None."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    for key in ("time", "level", "namespace", "message"):
+        if not isinstance(event.get(key), str):
+            return f"no {key} string"
+    if event["level"] not in LEVELS:
+        return f"unknown level {event['level']!r}"
+    try:
+        when = datetime.fromisoformat(event["time"])
+    except ValueError:
+        return "time is not ISO 8601"
+    if when.utcoffset() is None:
+        return "time has no time zone"
+    return None
+
+
+def readable(line: str) -> str:
+    """One JSON log line as Twisted's classic text (the line itself if it is not JSON)."""
+    try:
+        event = json.loads(line)
+        system = event.get("system") or f"{event['namespace']}#{event['level']}"
+        text = f"{event['time']} [{system}] {event['message']}"
+    except (ValueError, KeyError, TypeError):
+        return line
+    if event.get("traceback"):
+        text += "\n" + event["traceback"].rstrip("\n")
+    return text.replace("\n", "\n\t") + "\n"
