@@ -250,9 +250,6 @@ class RegistryCredentials:
             return credentials
         return cls(reactor, credentials)
 
-    def __len__(self) -> int:
-        return len(self.credentials)
-
     async def for_image(self, repotag: str) -> RegistryAuth | None:
         """The credentials to pull ``repotag`` with; None means anonymous. Never raises for a
         helper's failure: it is logged, and the file's entry (or anonymous) is used."""

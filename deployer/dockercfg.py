@@ -150,7 +150,8 @@ class Credentials:
         return bool(self.helpers or self.store)
 
     def __len__(self) -> int:
-        return len(self.by_host)
+        """How many entries and helpers there are: 0 means every pull goes anonymous."""
+        return len(self.by_host) + len(self.helpers) + (1 if self.store else 0)
 
     def overlaid(self, top: Credentials) -> Credentials:
         """These credentials with ``top``'s over them: ``top``'s entries and helpers win, and its

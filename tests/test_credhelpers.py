@@ -55,7 +55,8 @@ def test_creds_store_answers_for_every_registry() -> None:
     c = creds({"auths": {LOCAL: {}, "https://index.docker.io/v1/": {}}, "credsStore": "pass"})
     assert c.lookup(IMAGE) == Lookup(server=LOCAL, helper="pass")
     assert c.lookup("busybox:latest") == Lookup(server=DOCKER_HUB_KEY, helper="pass")
-    assert len(c) == 0  # the {} entries that docker login leaves hold nothing
+    assert c.by_host == {}  # the {} entries that docker login leaves hold nothing
+    assert len(c) == 1 and c  # still not "no credentials": DockerClient's `or` must keep it
 
 
 def test_without_helpers_the_auths_entry_answers() -> None:
