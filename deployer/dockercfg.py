@@ -13,9 +13,10 @@ are only parsed; :mod:`deployer.credhelpers` runs them. The choice for one image
 1. an entry of the ``--dockercfg`` file for the host (a file written for the daemon, which wins
    over config.json as it always has);
 2. ``credHelpers[host]``, else ``credsStore``: the helper's answer. "credentials not found" means
-   anonymous, even when ``auths`` has an inline entry for the host; a helper that fails or hangs
-   leaves the inline ``auths`` entry, if any (the CLI keeps the file's entry when its helper
-   errors), else anonymous;
+   anonymous, even when ``auths`` has an inline entry for the host. A helper that fails or hangs
+   is logged and leaves the inline ``auths`` entry, if any, else anonymous: the CLI's store hands
+   back the file's entry along with the helper's error (``docker pull`` then stops on the error;
+   the daemon goes on, so that a broken helper does not stop pulls of public images);
 3. the ``auths`` entry for the host;
 4. none: anonymous.
 
