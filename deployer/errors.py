@@ -48,6 +48,11 @@ class PullFailed(DockerError):
     """A pull ended in an error, possibly after the engine had answered 200."""
 
 
+class CredentialHelperError(DeployerError):
+    """A docker credential helper could not be run, failed, or answered with something that is
+    not credentials. The message never holds what the helper wrote on its stdout."""
+
+
 class TimedOut(DeployerError, TimeoutError):
     """Work that was given up on after its time limit (see :mod:`deployer.timeouts`). It is a
     ``TimeoutError`` too, so code that expects the builtin keeps working."""
