@@ -41,7 +41,9 @@ def test_local_slots_serve_one_at_a_time_first_come_first_served() -> None:
     first = fired(slots.acquire(APP, "a"))
     second, third = slots.acquire(APP, "b"), slots.acquire(APP, "c")
     assert not second.called and not third.called
-    assert slots.holding()[APP].containers == ("a",) and slots.holding()[APP].waiting == 2
+    holding = slots.holding()[APP]
+    assert [t.container for t in holding.replacing] == ["a"]
+    assert [t.container for t in holding.waiting] == ["b", "c"]
     clock.advance(3)
     fired(first.release())
     assert not third.called
@@ -51,7 +53,7 @@ def test_local_slots_serve_one_at_a_time_first_come_first_served() -> None:
     last = fired(third)
     assert last.container == "c"
     fired(last.release())
-    assert slots.holding() == {} and slots._queues == {}
+    assert slots.holding() == {} and slots._queues == {} and slots._waiters == {}
 
 
 def test_local_slots_limit_two_and_apps_independent() -> None:
@@ -68,7 +70,7 @@ def test_local_slots_limit_two_and_apps_independent() -> None:
 def test_local_slots_without_limit_never_wait() -> None:
     slots = LocalSlots(Clock(), 0)
     held = [fired(slots.acquire(APP, str(i))) for i in range(5)]
-    assert len(slots.holding()[APP].containers) == 5
+    assert len(slots.holding()[APP].replacing) == 5
     for slot in held:
         fired(slot.release())
     assert slots.holding() == {}
@@ -81,6 +83,7 @@ def test_local_slot_waiter_that_gives_up_leaves_the_queue() -> None:
     leaving.cancel()
     with pytest.raises(CancelledError):
         fired(leaving)
+    assert [t.container for t in slots.holding()[APP].waiting] == ["c"]
     fired(first.release())
     assert fired(staying).container == "c"
 

@@ -94,11 +94,19 @@ class Slots(Protocol):
 
 
 @attrs.frozen
-class Holding:
-    """What :meth:`LocalSlots.holding` reports of one app."""
+class Turn:
+    """A container in an app's line: ``since`` is when it asked for a slot."""
 
-    containers: tuple[str, ...]
-    waiting: int
+    container: str
+    since: float
+
+
+@attrs.frozen
+class Holding:
+    """What :meth:`LocalSlots.holding` reports of one app, each in the order they asked."""
+
+    replacing: tuple[Turn, ...]
+    waiting: tuple[Turn, ...]
 
 
 class LocalSlots:
@@ -111,27 +119,32 @@ class LocalSlots:
         self.clock = clock
         self.limit = limit
         self._queues: dict[str, DeferredSemaphore] = {}
-        self._holders: dict[str, list[Slot]] = {}
+        self._holders: dict[str, list[tuple[Turn, Slot]]] = {}
+        self._waiters: dict[str, list[Turn]] = {}
 
     def acquire(self, app: str, container: str) -> Deferred[Slot]:
-        started = self.clock.seconds()
+        turn = Turn(container, self.clock.seconds())
         if self.limit == 0:
-            return succeed(self._held(app, container, 0.0, None))
+            return succeed(self._held(app, turn, None))
         queue = self._queues.get(app)
         if queue is None:
             queue = self._queues[app] = DeferredSemaphore(self.limit)
-        turn = queue.acquire()
-        return turn.addCallback(
-            lambda _: self._held(app, container, self.clock.seconds() - started, queue)
-        )
+        waiters = self._waiters.setdefault(app, [])
+        waiters.append(turn)
 
-    def _held(
-        self, app: str, container: str, waited: float, queue: DeferredSemaphore | None
-    ) -> Slot:
+        def left(result: object) -> object:
+            waiters.remove(turn)
+            if not waiters and self._waiters.get(app) is waiters:
+                del self._waiters[app]
+            return result
+
+        return queue.acquire().addBoth(left).addCallback(lambda _: self._held(app, turn, queue))
+
+    def _held(self, app: str, turn: Turn, queue: DeferredSemaphore | None) -> Slot:
         slot: Slot
 
         def release() -> Deferred[None]:
-            self._holders[app].remove(slot)
+            self._holders[app].remove((turn, slot))
             if not self._holders[app]:
                 del self._holders[app]
             if queue is not None:
@@ -140,17 +153,17 @@ class LocalSlots:
                     del self._queues[app]
             return succeed(None)
 
-        slot = Slot(app, container, waited, release=release)
-        self._holders.setdefault(app, []).append(slot)
+        slot = Slot(app, turn.container, self.clock.seconds() - turn.since, release=release)
+        self._holders.setdefault(app, []).append((turn, slot))
         return slot
 
     def holding(self) -> dict[str, Holding]:
-        """Per app: the containers being replaced, and how many wait for a slot."""
-        apps = set(self._holders) | set(self._queues)
+        """Per app: the containers being replaced, and those waiting for a slot."""
+        apps = set(self._holders) | set(self._waiters)
         return {
             app: Holding(
-                containers=tuple(s.container for s in self._holders.get(app, ())),
-                waiting=len(self._queues[app].waiting) if app in self._queues else 0,
+                replacing=tuple(turn for turn, _ in self._holders.get(app, ())),
+                waiting=tuple(self._waiters.get(app, ())),
             )
             for app in sorted(apps)
         }
