@@ -4,19 +4,17 @@ and shared by simulated hosts through the in-memory etcd, on a Clock."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from deployer.errors import EtcdUnavailable
 from deployer.rollout.fleet import FleetSlots
 from deployer.rollout.gateway import KV_RANGE, KV_TXN, b64
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.slots import LocalSlots, Slot
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import MemoryEtcd, Switch
 from tests.helpers import fired
 
 APP = "myorg/app:qa"
@@ -106,25 +104,10 @@ def test_negative_limits_are_refused() -> None:
 # -- FleetSlots on the in-memory etcd ---------------------------------------------------------
 
 
-class Link:
-    """One host's way to etcd: the shared in-memory etcd, unless the host is cut off."""
-
-    def __init__(self, etcd: MemoryEtcd) -> None:
-        self.etcd = etcd
-        self.cut = False
-        self.paths: list[str] = []
-
-    def request(self, path: str, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
-        self.paths.append(path)
-        if self.cut:
-            return fail(EtcdUnavailable("no etcd member answered (cut off)"))
-        return self.etcd.request(path, body)
-
-
 class Host:
     def __init__(self, name: str, etcd: MemoryEtcd, clock: Clock, limit: int) -> None:
         self.name = name
-        self.link = Link(etcd)
+        self.link = Switch(etcd)
         self.keeper = LeaseKeeper(self.link, clock, ttl=TTL)
         self.slots = FleetSlots(self.link, self.keeper, KEYS, clock, hostname=name, limit=limit)
         self.keeper.startService()

@@ -8,6 +8,7 @@ in-memory etcd of the few requests rollouts make, on a clock.
 :class:`~deployer.errors.EtcdError`), and no ``TTL`` in the keepalive answer for such a lease.
 Set :attr:`MemoryEtcd.down` to make every request fail with
 :class:`~deployer.errors.EtcdUnavailable`, :attr:`MemoryEtcd.hang` to leave them unanswered.
+:class:`Switch` cuts one simulated host off from either.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from deployer.errors import EtcdError, EtcdUnavailable
-from deployer.rollout.gateway import b64, describe, unb64
+from deployer.rollout.gateway import Gateway, b64, call, describe, unb64
 from deployer.timeouts import cancel_after
 
 
@@ -79,6 +80,23 @@ class TreqGateway:
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()
+
+
+class Switch:
+    """A host's way to etcd through ``gateway``, that a test can :attr:`cut` (every request
+    then fails with :class:`~deployer.errors.EtcdUnavailable`, as when the host is cut off or
+    frozen: its keepalives stop, so its lease expires in etcd). ``paths`` lists every request."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.cut = False
+        self.paths: list[str] = []
+
+    def request(self, path: str, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        self.paths.append(path)
+        if self.cut:
+            return fail(EtcdUnavailable("no etcd member answered (cut off by the test)"))
+        return call(self.gateway, path, body)
 
 
 # -- an etcd in memory ------------------------------------------------------------------------
