@@ -9,7 +9,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from deployer.rollout.fleet import FleetSlots
+from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots
 from deployer.rollout.gateway import KV_RANGE, KV_TXN, b64
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
@@ -22,6 +22,8 @@ OTHER = "myorg/other:qa"
 PREFIX = "/deployer"
 KEYS = RolloutKeys(PREFIX)
 TTL = 6
+NEXT = POLL_INTERVAL + 0.05
+"""Long enough for the host next in line to look at the queue."""
 
 
 def advance(clock: Clock, seconds: float, step: float = 0.05) -> None:
@@ -159,7 +161,7 @@ def test_waiters_are_served_in_the_order_they_asked(fleet: Fleet) -> None:
         advance(fleet.clock, 5)
         assert fleet.holders(got) == set(order)  # nobody else while it is held
         fired(fired(got[name]).release())
-        advance(fleet.clock, 0.3)  # the next in line looks within one poll interval
+        advance(fleet.clock, NEXT)  # the next in line looks within one poll interval
     assert order == ["h2", "h0", "h1"]
     assert fleet.slot_keys() == []
 
@@ -180,11 +182,11 @@ def test_max_unavailable_two_lets_two_hold_at_once() -> None:
     advance(fleet.clock, 3)
     assert fleet.holders(got) == {"h0", "h1"}
     fired(fired(got["h1"]).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert fleet.holders(got) == {"h0", "h1", "h2"}
     assert not got["h3"].called
     fired(fired(got["h0"]).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert got["h3"].called
     fleet.stop()
 
@@ -204,12 +206,12 @@ def test_a_host_takes_one_slot_of_an_app_at_a_time(fleet: Fleet) -> None:
     assert first.called and not second.called
     assert len(fleet.slot_keys()) == 2  # web-2 has not queued in etcd yet: h1 is ahead of it
     fired(fired(first).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert elsewhere.called and not second.called
     fired(fired(elsewhere).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     slot = fired(second)
-    assert slot.container == "web-2" and slot.waited == pytest.approx(1.6, abs=0.35)
+    assert slot.container == "web-2" and slot.waited == pytest.approx(1 + 2 * NEXT, abs=0.15)
     assert fleet.etcd.get(str(slot.key))["container"] == "web-2"
 
 
@@ -220,7 +222,7 @@ def test_giving_up_a_wait_deletes_the_key_and_the_next_moves_up(fleet: Fleet) ->
         fired(got["h1"])
     assert len(fleet.slot_keys()) == 2
     fired(fired(got["h0"]).release())
-    advance(fleet.clock, 0.55)  # h2 stood second in line: it looks every 0.5 s
+    advance(fleet.clock, 2 * POLL_INTERVAL + 0.05)  # h2 stood second in line
     assert got["h2"].called
 
 
@@ -270,10 +272,10 @@ def test_a_lease_revoked_while_waiting_queues_again_with_a_new_one(fleet: Fleet)
         KEYS.slot(APP, h.keeper.current.id) for h in fleet.hosts if h.keeper.current
     )
     fired(fired(got["h0"]).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert fleet.holders(got) == {"h0", "h2"}  # h1 queued again, behind h2
     fired(fired(got["h2"]).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert got["h1"].called and fired(got["h1"]).lease is renewed
 
 
@@ -285,7 +287,7 @@ def test_a_key_deleted_by_hand_while_waiting_queues_again(fleet: Fleet) -> None:
     advance(fleet.clock, 3)
     assert len(fleet.slot_keys()) == 2  # queued again
     fired(fired(got["h0"]).release())
-    advance(fleet.clock, 0.3)
+    advance(fleet.clock, NEXT)
     assert got["h1"].called
 
 
@@ -319,10 +321,10 @@ def test_waiters_far_back_look_less_often() -> None:
     before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
     advance(fleet.clock, 10, step=0.01)
     polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
-    # the holder looks no more; the next in line every 0.25 s, the second every 0.5 s, ...
-    # never less often than every 2 s
-    expected = [0] + [10 / min(2.0, 0.25 * n) for n in range(1, 10)]
-    assert polls == pytest.approx(expected, abs=1.5)
+    # the holder looks no more; the next in line every POLL_INTERVAL, the second every two,
+    # ... never less often than every MAX_POLL_INTERVAL
+    expected = [0] + [10 / min(MAX_POLL_INTERVAL, POLL_INTERVAL * n) for n in range(1, 10)]
+    assert polls == pytest.approx(expected, rel=0.1, abs=1)
     assert fleet.etcd.count(KV_TXN) == 10  # one write each: waiting writes nothing
     fleet.stop()
 

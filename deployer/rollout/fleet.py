@@ -47,7 +47,7 @@ from deployer.rollout.keys import RolloutKeys, check_hostname
 from deployer.rollout.lease import Lease, LeaseKeeper
 from deployer.rollout.slots import LocalSlots, Slot, after
 
-POLL_INTERVAL = 0.25
+POLL_INTERVAL = 0.1
 """Seconds between two looks at the queue, for the host next in line."""
 
 MAX_POLL_INTERVAL = 2.0
