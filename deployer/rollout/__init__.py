@@ -19,6 +19,8 @@ The modules, one job each:
     Paused rollouts, in etcd or in memory.
 :mod:`~deployer.rollout.status`
     What each host runs, published to etcd, and the ``/status`` document.
+:mod:`~deployer.rollout.wiring`
+    The parts put together for fleet or standalone mode.
 :mod:`~deployer.rollout.testing`
     A gateway over real etcd members for tests, and an in-memory etcd for fast tests.
 
@@ -33,4 +35,19 @@ its familiar form, e.g. ``myorg/app:qa`` or ``127.0.0.1:5000/myorg/app:qa``)::
     <prefix>/_/hosts/<hostname>               lease-bound; what the host runs (see status)
 
 Nothing under ``<prefix>/_/`` ever triggers a deploy.
+
+How a round uses them, per stale container of an app, after the pull::
+
+    if await pauses.get(app) is paused for the pulled build: put repo:tag back, skip
+    await pauses.supersede(app, pulled_image_id, digest)    # a new build ends an old pause
+    slot = await slots.acquire(app, container)              # slot.waited: the metric
+    try:
+        stop the container; wait until its replacement is ready
+        (if it is not: pauses.pause(PauseRecord(...)), roll back, notify)
+        if slot.lost: log that the replacement finished without the slot
+    finally:
+        await slot.release()
+    publish({app: AppState(...), ...})                       # after each round
+
+``slots.acquire`` waits while the host holds no lease; cancel it to give up the wait.
 """
