@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
@@ -254,3 +254,23 @@ def test_when_lost_of_a_lost_lease_fires_at_once_and_a_waiter_can_leave() -> Non
 def test_ttl_too_short_is_refused(etcd: MemoryEtcd, clock: Clock) -> None:
     with pytest.raises(ValueError, match="too short"):
         LeaseKeeper(etcd, clock, ttl=1)
+
+
+def test_a_keepalive_answer_that_makes_no_sense_counts_as_a_failure(
+    keeper: LeaseKeeper, etcd: MemoryEtcd, clock: Clock, logged: list[LogEvent]
+) -> None:
+    keeper.startService()
+    lease = keeper.current
+    real = etcd.request
+
+    def odd(path: str, body: dict[str, Any]) -> Any:
+        if path == LEASE_KEEPALIVE:
+            return succeed({"result": {"TTL": ["nine"]}})
+        return real(path, body)
+
+    etcd.request = odd  # type: ignore[method-assign]
+    advance(clock, TTL / 3)
+    assert any("not an integer" in formatEvent(e) for e in logged)
+    assert lease is not None and lease.alive
+    advance(clock, TTL)
+    assert not lease.alive

@@ -9,6 +9,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
+from deployer.errors import EtcdUnavailable
 from deployer.rollout.fleet import FleetSlots
 from deployer.rollout.gateway import KV_PUT, b64
 from deployer.rollout.keys import RolloutKeys
@@ -203,3 +204,11 @@ def test_the_standalone_document() -> None:
     assert doc["apps"][APP]["replacing"] == [{"host": "solo", "container": "web-1", "since": 1.0}]
     assert doc["apps"][APP]["waiting"] == [{"host": "solo", "container": "web-2", "since": 1.0}]
     assert doc["apps"][OTHER]["paused"]["reason"] == "exited"
+
+
+def test_the_document_fails_with_etcds_own_error() -> None:
+    clock = Clock()
+    etcd = MemoryEtcd(clock)
+    etcd.down = True
+    with pytest.raises(EtcdUnavailable):
+        fired(EtcdStatus(etcd, KEYS, clock).document())

@@ -362,7 +362,7 @@ class _Keepalive:
         sent = self.clock.seconds()
         d = call(self.keeper.gateway, LEASE_KEEPALIVE, {"ID": str(self.lease.id)})
         self._in_flight = d  # before the callbacks, which clear it (at once if d has fired)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(sent,))
+        d.addCallback(self._answered, sent).addErrback(self._failed)
 
     def _answered(self, reply: dict[str, object], sent: float) -> None:
         self._in_flight = None

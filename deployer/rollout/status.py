@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -299,7 +299,10 @@ class EtcdStatus:
             Deferred.fromCoroutine(get_prefix(self.gateway, prefix))
             for prefix in (self.keys.hosts, self.keys.paused_all, self.keys.rollouts)
         ]
-        (_, hosts), (_, paused), (_, slots) = await gatherResults(reads, consumeErrors=True)
+        try:
+            (_, hosts), (_, paused), (_, slots) = await gatherResults(reads, consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
         return build_document(
             self._hosts(hosts), self._paused(paused), self._queues(slots), self.clock.seconds()
         )
