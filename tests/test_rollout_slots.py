@@ -4,6 +4,7 @@ and shared by simulated hosts through the in-memory etcd, on a Clock."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
@@ -343,3 +344,37 @@ def test_an_app_whose_name_begins_another_does_not_share_its_queue(fleet: Fleet)
     assert held.key is not None and held.key.startswith(KEYS.slots(short))
 
 
+
+
+def test_a_lease_etcd_forgot_is_replaced_when_taking_a_slot(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    old = host.keeper.current
+    assert old is not None
+    del fleet.etcd.leases[old.id]  # gone in etcd; the keeper learns at the next keepalive
+    slot = fired(host.slots.acquire(APP, "web"))
+    assert not old.alive and "seen taking a slot" in str(old.lost_reason)
+    assert slot.lease is host.keeper.current and slot.lease is not old
+    assert fleet.slot_keys() == [slot.key]
+
+
+def test_a_lease_lost_as_soon_as_granted_is_not_used(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    fired(host.keeper.stopService())
+    waiting = host.slots.acquire(APP, "web")
+    forget_next = [True]
+    real = fleet.etcd._grant
+
+    def phantom(etcd: MemoryEtcd, body: dict[str, Any]) -> dict[str, Any]:
+        answer = real(body)
+        if forget_next:
+            forget_next.clear()
+            del etcd.leases[int(answer["ID"])]  # granted, and gone at once (as if it expired)
+        return answer
+
+    fleet.etcd._paths = {**MemoryEtcd._paths, "/v3/lease/grant": phantom}
+    fleet.etcd.max_requests = len(fleet.etcd.requests) + 50  # a spin fails, not hangs
+    host.keeper.startService()  # the waiter hears of the phantom lease first
+    slot = fired(waiting)
+    assert host.keeper.grants == 3 and host.keeper.losses == 2  # stopped once, phantom once
+    assert slot.lease is host.keeper.current and slot.lease is not None
+    assert slot.lease.id in fleet.etcd.leases

@@ -240,13 +240,13 @@ class LeaseKeeper(Service):
     async def _keep_leases(self) -> None:
         while True:
             lease = await self._grant()
-            self._hold(lease)
-            self._keeping = _Keepalive(self, lease)
+            self._lease = lease
+            self._keeping = _Keepalive(self, lease)  # before anyone hears of the lease
             try:
-                reason = await self._keeping.done
+                self._hold(lease)
+                await self._keeping.done
             finally:
                 self._keeping = None
-            self._lose(lease, reason)
 
     async def _grant(self) -> Lease:
         attempt = 0
@@ -280,7 +280,6 @@ class LeaseKeeper(Service):
             return Lease(lease_id, ttl, sent)
 
     def _hold(self, lease: Lease) -> None:
-        self._lease = lease
         self._last_loss = ""
         self.grants += 1
         self.log.info(
@@ -338,9 +337,11 @@ class _Keepalive:
         self._tick.start(lease.ttl / 3, now=False)
 
     def finish(self, reason: str) -> None:
+        """The lease is lost: count it so at once, then let the keeper ask for a new one."""
         if self.done.called:
             return
         self._stop()
+        self.keeper._lose(self.lease, reason)
         self.done.callback(reason)
 
     def _stop(self) -> None:

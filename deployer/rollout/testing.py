@@ -8,7 +8,8 @@ in-memory etcd of the few requests rollouts make, on a clock.
 :class:`~deployer.errors.EtcdError`), and no ``TTL`` in the keepalive answer for such a lease.
 Set :attr:`MemoryEtcd.down` to make every request fail with
 :class:`~deployer.errors.EtcdUnavailable`, :attr:`MemoryEtcd.hang` to leave them unanswered.
-:class:`Switch` cuts one simulated host off from either.
+:attr:`MemoryEtcd.max_requests` refuses requests beyond a number (a test of code that could
+spin). :class:`Switch` cuts one simulated host off from either.
 """
 
 from __future__ import annotations
@@ -152,11 +153,14 @@ class MemoryEtcd:
         self.leases: dict[int, _Lease] = {}
         self.down = False
         self.hang = False
+        self.max_requests: int | None = None
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self._ids = itertools.count(0x694D7A9B00000001)
 
     def request(self, path: str, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
         self.requests.append((path, body))
+        if self.max_requests is not None and len(self.requests) > self.max_requests:
+            return fail(EtcdError(f"memory etcd: more than {self.max_requests} requests"))
         if self.hang:
             return Deferred()
         if self.down:
