@@ -339,3 +339,23 @@ async def test_three_member_cluster_the_line_survives_the_loss_of_a_member(
         await with_timeout(d, 30)
     assert record.order == ["h1", "h2", "h0"] and record.most == 1
     assert all(h.keeper.losses == 0 for h in hosts)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_fifty_hosts_three_at_a_time(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    hosts = await fleet.start(50, [etcd.client_url], etcd_prefix, limit=3)
+    record = Recorder()
+    started = now()
+    rounds = [Deferred.fromCoroutine(replace(h, record, hold=0.2)) for h in hosts]
+    for d in rounds:
+        await with_timeout(d, 60)
+    took = now() - started
+    assert record.most == 3
+    assert sorted(record.order) == sorted(h.name for h in hosts)
+    polls = sum(h.switch.paths.count("/v3/kv/range") for h in hosts)
+    print(f"50 hosts, 3 at a time, 0.2 s each: {took:.2f} s (ideal {50 / 3 * 0.2:.2f} s),"
+          f" {polls} queue reads ({polls / took:.0f}/s)")
+    assert took < 50 / 3 * 0.2 * 2

@@ -378,3 +378,15 @@ def test_a_lease_lost_as_soon_as_granted_is_not_used(fleet: Fleet) -> None:
     assert host.keeper.grants == 3 and host.keeper.losses == 2  # stopped once, phantom once
     assert slot.lease is host.keeper.current and slot.lease is not None
     assert slot.lease.id in fleet.etcd.leases
+
+
+def test_with_two_at_a_time_the_two_next_in_line_look_often() -> None:
+    fleet = Fleet(limit=2, hosts=6)
+    ask(fleet, list(range(6)))
+    before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
+    advance(fleet.clock, 10, step=0.01)
+    polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    # h0 and h1 hold; h2 and h3 are one release away, h4 and h5 two
+    expected = [0, 0] + [10 / POLL_INTERVAL] * 2 + [10 / (2 * POLL_INTERVAL)] * 2
+    assert polls == pytest.approx(expected, rel=0.1, abs=1)
+    fleet.stop()

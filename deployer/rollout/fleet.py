@@ -8,10 +8,10 @@ own. Releasing deletes the key; a host that dies frees its place when its lease 
 
 Waiting is a short read of the keys created up to one's own (sorted by create revision,
 serializable, so served by the member itself), repeated on the clock: every ``poll_interval``
-seconds for the host next in line, less often the further back a host stands (up to
-``max_poll_interval``). Nothing is written while waiting, and a freed slot goes to exactly the
-host next in line, so there is no thundering herd. :meth:`FleetSlots.nudge` wakes the waiters
-of an app at once (for a caller that learns of a change some other way).
+seconds for the hosts next in line, ``k`` times that for a host about ``k`` replacements from a
+slot (up to ``max_poll_interval``). Nothing is written while waiting, and a freed slot goes to
+exactly the host next in line, so there is no thundering herd. :meth:`FleetSlots.nudge` wakes
+the waiters of an app at once (for a caller that learns of a change some other way).
 
 On one host, the containers of one app take their turns one at a time (a
 :class:`~deployer.rollout.slots.LocalSlots` of 1 in front of etcd). While the lease is lost no
@@ -249,8 +249,14 @@ class FleetSlots:
                     behind=behind,
                     holders=", ".join(_describe(kv) for kv in ahead[: self.limit]),
                 )
-            await self._sleep(app, min(self.max_poll_interval, self.poll_interval * behind))
+            await self._sleep(app, self._interval(behind))
         return False
+
+    def _interval(self, behind: int) -> float:
+        """How long to wait before the next look, ``behind`` releases away from a slot: the
+        ``limit`` holders release in parallel, so about ``behind / limit`` replacements."""
+        rounds = -(-behind // self.limit)
+        return min(self.max_poll_interval, self.poll_interval * rounds)
 
     def _sleep(self, app: str, seconds: float) -> Deferred[None]:
         timer: IDelayedCall | None = None
