@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 
@@ -244,11 +244,12 @@ def test_when_lost_of_a_lost_lease_fires_at_once_and_a_waiter_can_leave() -> Non
     lease = Lease(5, 10, 0.0)
     leaving = lease.when_lost()
     leaving.cancel()
+    with pytest.raises(CancelledError):
+        fired(leaving)
     staying = lease.when_lost()
     assert lease.mark_lost("gone") and not lease.mark_lost("again")
     assert fired(staying) == "gone" and fired(lease.when_lost()) == "gone"
-    assert lease.hex == "5"
-    assert isinstance(leaving, Deferred)
+    assert lease.hex == "5" and lease._losses == []
 
 
 def test_ttl_too_short_is_refused(etcd: MemoryEtcd, clock: Clock) -> None:
