@@ -1,0 +1,339 @@
+"""Rollout slots shared by the fleet, in etcd (etcd's lock recipe with room for N holders).
+
+A host that wants a slot of ``app`` writes ``<prefix>/_/rollout/<app>/<lease id hex>``, bound to
+its lease, in a transaction that succeeds only when the key does not exist yet (value
+``{"host", "container", "since"}``). The key's create revision is the host's place in the
+queue: it holds a slot while fewer than ``limit`` of the app's keys were created before its
+own. Releasing deletes the key; a host that dies frees its place when its lease expires.
+
+Waiting is a short read of the keys created up to one's own (sorted by create revision,
+serializable, so served by the member itself), repeated on the clock: every ``poll_interval``
+seconds for the hosts next in line, ``k`` times that for a host about ``k`` replacements from a
+slot (up to ``max_poll_interval``). Nothing is written while waiting, and a freed slot goes to
+exactly the host next in line, so there is no thundering herd. :meth:`FleetSlots.nudge` wakes
+the waiters of an app at once (for a caller that learns of a change some other way).
+
+On one host, the containers of one app take their turns one at a time (a
+:class:`~deployer.rollout.slots.LocalSlots` of 1 in front of etcd). While the lease is lost no
+slot is taken: :meth:`FleetSlots.acquire` waits for the next lease and queues anew.
+"""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from deployer.backoff import RetryPolicy, backoff
+from deployer.errors import EtcdError
+from deployer.rollout.gateway import (
+    KV_DELETE,
+    KV_TXN,
+    Gateway,
+    KeyValue,
+    b64,
+    call,
+    describe,
+    get_prefix,
+    is_lease_not_found,
+    json_value,
+    key_values,
+    revision,
+)
+from deployer.rollout.keys import RolloutKeys, check_hostname
+from deployer.rollout.lease import Lease, LeaseKeeper
+from deployer.rollout.slots import LocalSlots, Slot, after
+
+POLL_INTERVAL = 0.1
+"""Seconds between two looks at the queue, for the host next in line."""
+
+MAX_POLL_INTERVAL = 2.0
+"""Seconds between two looks at the queue, at most (hosts far back in the line)."""
+
+
+class FleetSlots:
+    """Slots of each app shared by every host under one etcd prefix (see the module
+    docstring); ``limit`` is ``--max_unavailable`` (0: no limit, nothing is asked of etcd)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        keeper: LeaseKeeper,
+        keys: RolloutKeys,
+        clock: IReactorTime,
+        *,
+        hostname: str,
+        limit: int = 1,
+        poll_interval: float = POLL_INTERVAL,
+        max_poll_interval: float = MAX_POLL_INTERVAL,
+        retry: RetryPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if limit < 0:
+            raise ValueError(f"--max_unavailable cannot be negative: {limit}")
+        self.gateway = gateway
+        self.keeper = keeper
+        self.keys = keys
+        self.clock = clock
+        self.hostname = check_hostname(hostname)
+        self.limit = limit
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max(poll_interval, max_poll_interval)
+        self.retry = retry or backoff(0.25, 5.0, floor=0.05, rng=rng or random.Random())
+        self.local = LocalSlots(clock, 1)
+        self.polls = 0
+        self._deleting: dict[str, Deferred[None]] = {}
+        self._sleepers: dict[str, list[Deferred[None]]] = {}
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def acquire(self, app: str, container: str) -> Deferred[Slot]:
+        """A slot of ``app`` for replacing ``container``, once this host's turn has come.
+        Cancelling the Deferred gives up the place in the queue (the key is deleted)."""
+        if self.limit == 0:
+            return succeed(Slot(app, container, 0.0))
+        return Deferred.fromCoroutine(self._acquire(app, container))
+
+    def nudge(self, app: str) -> None:
+        """Look at ``app``'s queue now instead of at the next poll."""
+        for d in self._sleepers.pop(app, []):
+            d.callback(None)
+
+    # -- taking a slot ------------------------------------------------------------------------
+
+    async def _acquire(self, app: str, container: str) -> Slot:
+        started = self.clock.seconds()
+        turn = await self.local.acquire(app, container)
+        try:
+            key, lease = await self._take(app, container)
+        except BaseException:
+            turn.release()
+            raise
+        waited = self.clock.seconds() - started
+        self.log.info(
+            "rollout slot of {app} taken for {container} after {waited:.2f}s (key {key})",
+            app=app,
+            container=container,
+            waited=waited,
+            key=key,
+        )
+
+        def release() -> Deferred[None]:
+            done = self._forget(app, key, lease)  # registered before the next local turn
+            turn.release()
+            return done
+
+        return Slot(app, container, waited, key=key, lease=lease, release=release)
+
+    async def _take(self, app: str, container: str) -> tuple[str, Lease]:
+        while True:
+            lease = await self.keeper.wait()
+            key = self.keys.slot(app, lease.id)
+            pending = self._deleting.get(key)
+            if pending is not None:  # an earlier release of this very key is still going
+                await after(pending)
+                continue
+            try:
+                created = await self._enqueue(app, key, container, lease)
+                if created is not None and await self._wait_turn(
+                    app, key, container, created, lease
+                ):
+                    return key, lease
+            except BaseException:
+                self._forget(app, key, lease)
+                raise
+            self._forget(app, key, lease)
+
+    async def _enqueue(self, app: str, key: str, container: str, lease: Lease) -> int | None:
+        """Write this host's key; its create revision, or None once the lease is lost."""
+        value = {"host": self.hostname, "container": container, "since": self.clock.seconds()}
+        body = {
+            "compare": [
+                {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+            ],
+            "success": [
+                {"request_put": {"key": b64(key), "value": json_value(value),
+                                 "lease": str(lease.id)}}
+            ],
+            "failure": [{"request_range": {"key": b64(key)}}],
+        }
+        attempt = 0
+        while lease.alive:
+            try:
+                reply = await call(self.gateway, KV_TXN, body)
+            except CancelledError:
+                raise
+            except Exception as e:
+                if is_lease_not_found(e):
+                    self.keeper.invalidate(lease, "etcd no longer knows it (seen taking a slot)")
+                    return None
+                delay = self.retry(attempt)
+                attempt += 1
+                self.log.warn(
+                    "could not queue for a rollout slot of {app}: {why}; again in {delay:.1f}s",
+                    app=app,
+                    why=describe(e),
+                    delay=delay,
+                )
+                await deferLater(self.clock, delay)
+                continue
+            if reply.get("succeeded", False):
+                return revision(reply)
+            responses = reply.get("responses") or [{}]
+            existing = key_values(responses[0].get("response_range", {}))
+            if not existing:
+                continue  # deleted between the compare and the read: try again
+            if existing[0].lease != lease.id:
+                raise EtcdError(f"{key} is bound to lease {existing[0].lease:x}, not ours")
+            return existing[0].create_revision  # ours, left by an earlier wait: our place
+        return None
+
+    async def _wait_turn(
+        self, app: str, key: str, container: str, created: int, lease: Lease
+    ) -> bool:
+        """True once this host holds a slot; False when its key or its lease is gone."""
+        attempt = 0
+        place = -1
+        while lease.alive:
+            try:
+                read, kvs = await get_prefix(
+                    self.gateway,
+                    self.keys.slots(app),
+                    sort_order="ASCEND",
+                    sort_target="CREATE",
+                    max_create_revision=str(created),
+                    serializable=True,
+                )
+            except CancelledError:
+                raise
+            except Exception as e:
+                delay = self.retry(attempt)
+                attempt += 1
+                self.log.warn(
+                    "could not read the rollout queue of {app}: {why}; again in {delay:.1f}s",
+                    app=app,
+                    why=describe(e),
+                    delay=delay,
+                )
+                await deferLater(self.clock, delay)
+                continue
+            attempt = 0
+            self.polls += 1
+            if read < created:  # a member that has not applied our write yet
+                await self._sleep(app, self.poll_interval)
+                continue
+            queue = [kv for kv in kvs if self.keys.slot_lease(app, kv.key) is not None]
+            if not any(kv.key == key for kv in queue):
+                self.log.warn(
+                    "rollout slot key {key} is gone before its turn (lease lost, or deleted by"
+                    " hand); queueing again",
+                    key=key,
+                )
+                return False
+            ahead = [kv for kv in queue if kv.create_revision < created]
+            if len(ahead) < self.limit:
+                return True
+            behind = len(ahead) - self.limit + 1
+            if behind != place:
+                place = behind
+                self.log.info(
+                    "waiting for a rollout slot of {app} for {container}: {behind} ahead of"
+                    " this host; replacing now: {holders}",
+                    app=app,
+                    container=container,
+                    behind=behind,
+                    holders=", ".join(_describe(kv) for kv in ahead[: self.limit]),
+                )
+            await self._sleep(app, self._interval(behind))
+        return False
+
+    def _interval(self, behind: int) -> float:
+        """How long to wait before the next look, ``behind`` releases away from a slot: the
+        ``limit`` holders release in parallel, so about ``behind / limit`` replacements."""
+        rounds = -(-behind // self.limit)
+        return min(self.max_poll_interval, self.poll_interval * rounds)
+
+    def _sleep(self, app: str, seconds: float) -> Deferred[None]:
+        timer: IDelayedCall | None = None
+
+        def cancel(d: Deferred[None]) -> None:
+            if timer is not None and timer.active():
+                timer.cancel()
+            sleepers = self._sleepers.get(app, [])
+            if d in sleepers:
+                sleepers.remove(d)
+
+        def wake() -> None:
+            sleepers = self._sleepers.get(app, [])
+            if d in sleepers:
+                sleepers.remove(d)
+                d.callback(None)
+
+        def woken(result: object) -> object:
+            if timer is not None and timer.active():
+                timer.cancel()
+            return result
+
+        d: Deferred[None] = Deferred(cancel)
+        self._sleepers.setdefault(app, []).append(d)
+        timer = self.clock.callLater(seconds, wake)
+        d.addBoth(woken)
+        return d
+
+    # -- giving a slot back -------------------------------------------------------------------
+
+    def _forget(self, app: str, key: str, lease: Lease) -> Deferred[None]:
+        """Delete ``key``, retrying until etcd did or the lease is lost (the key then goes
+        with it); fires when done, and never fails."""
+        pending = self._deleting.get(key)
+        if pending is None:
+            pending = Deferred.fromCoroutine(self._delete(app, key, lease))
+            self._deleting[key] = pending
+
+            def done(result: object) -> object:
+                if self._deleting.get(key) is pending:
+                    del self._deleting[key]
+                return result
+
+            pending.addBoth(done)
+        return after(pending)
+
+    async def _delete(self, app: str, key: str, lease: Lease) -> None:
+        attempt = 0
+        while True:
+            try:
+                await call(self.gateway, KV_DELETE, {"key": b64(key)})
+            except Exception as e:
+                if not lease.alive:
+                    self.log.info(
+                        "rollout slot key {key} goes with its lost lease ({why})",
+                        key=key,
+                        why=describe(e),
+                    )
+                    return
+                delay = self.retry(attempt)
+                attempt += 1
+                self.log.warn(
+                    "could not free the rollout slot {key}: {why}; again in {delay:.1f}s",
+                    key=key,
+                    why=describe(e),
+                    delay=delay,
+                )
+                await deferLater(self.clock, delay)
+                continue
+            self.log.debug("rollout slot of {app} freed ({key})", app=app, key=key)
+            return
+
+
+def _describe(kv: KeyValue) -> str:
+    """``host (container)`` of a slot key, for the log."""
+    try:
+        value = kv.json()
+        return f"{value['host']} ({value['container']})"
+    except (ValueError, KeyError, TypeError):
+        return kv.key

@@ -1,0 +1,361 @@
+"""Rollout slots, leases, pauses and host status on real etcd 3.4 (tests/stack/etcd_stack.py):
+several simulated hosts in this process, each with its own connection pool, lease and slots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from deployer.rollout.fleet import FleetSlots
+from deployer.rollout.gateway import get_prefix
+from deployer.rollout.keys import RolloutKeys
+from deployer.rollout.lease import LeaseKeeper
+from deployer.rollout.pause import EtcdPauses, PauseRecord
+from deployer.rollout.slots import Slot
+from deployer.rollout.status import AppState, EtcdStatus, StatusPublisher
+from deployer.rollout.testing import Switch, TreqGateway
+from deployer.timeouts import cancel_after
+from tests.stack.etcd_stack import EtcdCluster, EtcdMember, current_revision, etcdctl
+
+pytestmark = pytest.mark.real
+
+APP = "127.0.0.1:5000/myorg/app:qa"
+TTL = 2
+IMAGE = "sha256:" + "1" * 64
+
+
+def now() -> float:
+    return float(reactor.seconds())  # type: ignore[attr-defined]
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = now() + timeout
+    while not predicate():
+        if now() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await sleep(0.02)
+
+
+def with_timeout(d: Deferred[Any], seconds: float) -> Deferred[Any]:
+    return cancel_after(d, seconds, reactor)
+
+
+def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    return deferToThread(f, *args)
+
+
+class Host:
+    """One simulated host: its own gateway (a pool), a switch to cut it off, lease, slots and
+    status publisher."""
+
+    def __init__(self, name: str, urls: list[str], prefix: str, limit: int) -> None:
+        self.name = name
+        self.gateway = TreqGateway(reactor, urls, timeout=1.0)
+        self.switch = Switch(self.gateway)
+        self.keys = RolloutKeys(prefix)
+        self.keeper = LeaseKeeper(self.switch, reactor, ttl=TTL, request_timeout=2.0)
+        self.slots = FleetSlots(
+            self.switch, self.keeper, self.keys, reactor, hostname=name, limit=limit
+        )
+        self.status = StatusPublisher(self.switch, self.keeper, self.keys, reactor, name)
+
+    async def close(self) -> None:
+        if self.keeper.running:
+            await self.keeper.stopService()
+        await self.gateway.close()
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.hosts: list[Host] = []
+
+    async def start(self, count: int, urls: list[str], prefix: str, limit: int = 1) -> list[Host]:
+        hosts = [Host(f"h{i}", urls, prefix, limit) for i in range(count)]
+        self.hosts += hosts
+        for host in hosts:
+            host.keeper.startService()
+        for host in hosts:
+            await host.keeper.wait()
+        return hosts
+
+    async def close(self) -> None:
+        for host in self.hosts:
+            await host.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def fleet() -> Any:
+    f = Fleet()
+    yield f
+    await f.close()
+
+
+class Recorder:
+    """Who holds a slot, over time: the order they got it, and the most at once."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.holding: set[str] = set()
+        self.most = 0
+        self.handoffs: list[float] = []
+        self._released_at: float | None = None
+
+    def got(self, name: str) -> None:
+        if self._released_at is not None and not self.holding:
+            self.handoffs.append(now() - self._released_at)
+        self.order.append(name)
+        self.holding.add(name)
+        self.most = max(self.most, len(self.holding))
+
+    def released(self, name: str) -> None:
+        self.holding.discard(name)
+        self._released_at = now()
+
+
+async def replace(host: Host, record: Recorder, hold: float, container: str = "web") -> Slot:
+    """What a round does with a slot: take it, replace (here: wait ``hold``), release."""
+    slot = await host.slots.acquire(APP, container)
+    record.got(host.name)
+    await sleep(hold)
+    record.released(host.name)
+    await slot.release()
+    return slot
+
+
+async def ask_in_order(hosts: list[Host], order: list[int], record: Recorder,
+                       hold: float) -> list[Deferred[Slot]]:
+    """Each host in ``order`` asks once the one before has its key in etcd."""
+    rounds = []
+    for count, i in enumerate(order, 1):
+        rounds.append(Deferred.fromCoroutine(replace(hosts[i], record, hold)))
+        deadline = now() + 10
+        while len(await slot_keys(hosts[i])) < count - len(record.order):
+            assert now() < deadline, f"{hosts[i].name} did not queue"
+            await sleep(0.02)
+    return rounds
+
+
+async def slot_keys(host: Host) -> list[str]:
+    """The app's slot keys in etcd, in the order of the line."""
+    _, kvs = await get_prefix(host.gateway, host.keys.slots(APP), sort_order="ASCEND",
+                              sort_target="CREATE")
+    return [kv.key for kv in kvs]
+
+
+@pytest_twisted.ensureDeferred
+async def test_four_hosts_are_served_in_the_order_they_asked(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    hosts = await fleet.start(4, [etcd.client_url], etcd_prefix)
+    record = Recorder()
+    rounds = await ask_in_order(hosts, [2, 0, 3, 1], record, hold=0.3)
+    for d in rounds:
+        await with_timeout(d, 30)
+    assert record.order == ["h2", "h0", "h3", "h1"]
+    assert record.most == 1
+    assert len(record.handoffs) == 3
+    assert max(record.handoffs) < 0.5  # the next in line looks every 0.1 s
+    print(f"handoffs: {', '.join(f'{h * 1000:.0f} ms' for h in record.handoffs)}")
+    assert await slot_keys(hosts[0]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_unavailable_two_holds_two_at_once_never_three(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    hosts = await fleet.start(5, [etcd.client_url], etcd_prefix, limit=2)
+    record = Recorder()
+    started = now()
+    rounds = await ask_in_order(hosts, [0, 1, 2, 3, 4], record, hold=0.6)
+    for d in rounds:
+        await with_timeout(d, 30)
+    took = now() - started
+    assert record.most == 2
+    assert record.order[:2] == ["h0", "h1"] and sorted(record.order) == [f"h{i}" for i in range(5)]
+    assert took < 3 * 0.6 + 1.5  # three waves of two, not five in a row
+    print(f"5 hosts, 2 at a time, 0.6 s each: {took:.2f} s")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_cut_off_frees_its_slot_after_the_ttl(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix)
+    held = await h0.slots.acquire(APP, "web")
+    lease = h0.keeper.current
+    assert lease is not None and held.lease is lease
+    waiting = h1.slots.acquire(APP, "web")
+    await wait_for(lambda: h1.slots.polls > 0, what="h1 to wait")
+    cut = now()
+    h0.switch.cut = True  # as if the host froze or lost its network: no more keepalives
+    slot = await with_timeout(waiting, 10)
+    took = now() - cut
+    assert TTL * 2 / 3 - 0.2 < took < TTL + 2.0
+    print(f"slot of a cut-off holder taken over {took:.2f} s after the cut (TTL {TTL} s)")
+    await wait_for(lambda: held.lost, what="the holder to learn of the loss")
+    assert "no keepalive answered" in str(held.lost_reason)
+    assert "lost" in h0.keeper.reason and not h0.keeper.held
+    assert await slot_keys(h1) == [slot.key]  # h0's key expired with its lease
+    out = await in_thread(etcdctl, etcd.client_url, "lease", "timetolive", lease.hex)
+    assert "already expired" in out
+    # h0 finishes its replacement, and takes no new slot until it holds a lease again
+    await held.release()  # etcd is out of reach, and the key went with the lease
+    again = h0.slots.acquire(APP, "web-2")
+    await slot.release()
+    await sleep(0.5)
+    assert not again.called
+    h0.switch.cut = False
+    renewed = await with_timeout(again, 10)
+    assert renewed.lease is not None and renewed.lease is not lease and not renewed.lost
+    await renewed.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_holder_whose_lease_is_revoked_learns_of_it_and_the_next_takes_over(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix)
+    held = await h0.slots.acquire(APP, "web")
+    lost = held.when_lost()
+    waiting = h1.slots.acquire(APP, "web")
+    await wait_for(lambda: h1.slots.polls > 0)
+    assert held.lease is not None
+    revoked = now()
+    await in_thread(etcdctl, etcd.client_url, "lease", "revoke", held.lease.hex)
+    await with_timeout(waiting, 5)
+    assert now() - revoked < 1.0
+    reason = await with_timeout(lost, 5)
+    assert now() - revoked < TTL / 3 + 1.0
+    assert "TTL 0" in reason or "no longer knows" in reason
+    await wait_for(lambda: h0.keeper.held, what="a new lease")
+    assert h0.keeper.current is not held.lease
+
+
+@pytest_twisted.ensureDeferred
+async def test_giving_up_a_wait_deletes_the_key(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix)
+    held = await h0.slots.acquire(APP, "web")
+    waiting = h1.slots.acquire(APP, "web")
+    await wait_for(lambda: h1.slots.polls > 0)
+    assert len(await slot_keys(h0)) == 2
+    waiting.cancel()
+    waiting.addErrback(lambda f: None)
+    deadline = now() + 5
+    while len(await slot_keys(h0)) != 1:
+        assert now() < deadline, "the waiter's key is still there"
+        await sleep(0.02)
+    assert await slot_keys(h0) == [held.key]
+    await held.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pause_round_trip_and_resume_of_an_app_not_paused(
+    etcd: EtcdMember, etcd_prefix: str
+) -> None:
+    gateway = TreqGateway(reactor, [etcd.client_url])
+    pauses = EtcdPauses(gateway, RolloutKeys(etcd_prefix))
+    try:
+        record = PauseRecord(APP, IMAGE, "sha256:" + "d" * 64, "h1", "unhealthy", 1.7e9)
+        assert await pauses.pause(record) is True
+        assert await pauses.get(APP) == record
+        stored = etcdctl(etcd.client_url, "get", f"{etcd_prefix}/_/paused/{APP}",
+                         "--print-value-only")
+        assert json.loads(stored) == record.to_json()
+        assert await pauses.all() == {APP: record}
+        before = current_revision(etcd.client_url)
+        assert await pauses.resume("myorg/other:qa") is False
+        assert current_revision(etcd.client_url) == before  # nothing written
+        assert await pauses.supersede(APP, IMAGE) is False
+        assert await pauses.supersede(APP, "sha256:" + "2" * 64, None) is True
+        assert await pauses.get(APP) is None
+        assert await pauses.pause(record) is True
+        assert await pauses.resume(APP) is True
+        assert await pauses.all() == {}
+    finally:
+        await gateway.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_host_status_is_published_collected_and_goes_with_the_host(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    hosts = await fleet.start(3, [etcd.client_url], etcd_prefix)
+    for i, host in enumerate(hosts):
+        await host.status.publish(
+            {APP: AppState(IMAGE if i else "sha256:" + "0" * 64, None, ("web",), "healthy",
+                           now(), "ok")}
+        )
+    held = await hosts[1].slots.acquire(APP, "web")
+    waiting = hosts[2].slots.acquire(APP, "web")
+    await wait_for(lambda: hosts[2].slots.polls > 0)
+    gateway = TreqGateway(reactor, [etcd.client_url])
+    status = EtcdStatus(gateway, RolloutKeys(etcd_prefix), reactor, limit=1)
+    try:
+        doc = await status.document()
+        assert sorted(doc["hosts"]) == ["h0", "h1", "h2"]
+        app = doc["apps"][APP]
+        assert [i["hosts"] for i in app["images"]] == [["h1", "h2"], ["h0"]]
+        assert [e["host"] for e in app["replacing"]] == ["h1"]
+        assert [e["host"] for e in app["waiting"]] == ["h2"]
+        assert app["paused"] is None
+        hosts[2].switch.cut = True  # h2 goes: its status and its place in line expire
+        await wait_for(lambda: not hosts[2].keeper.held, timeout=TTL + 3)
+        await sleep(1.0)  # etcd's own expiry runs every 500 ms
+        doc = await status.document()
+        assert sorted(doc["hosts"]) == ["h0", "h1"]
+        assert doc["apps"][APP]["waiting"] == []
+    finally:
+        waiting.cancel()
+        waiting.addErrback(lambda f: None)
+        await held.release()
+        await gateway.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_three_member_cluster_the_line_survives_the_loss_of_a_member(
+    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, fleet: Fleet
+) -> None:
+    cluster = await in_thread(etcd_cluster, 3)
+    urls = list(cluster.urls)
+    hosts = await fleet.start(3, urls, etcd_prefix)
+    record = Recorder()
+    rounds = await ask_in_order(hosts, [1, 2, 0], record, hold=1.0)
+    await in_thread(cluster.members[0].kill)  # the member every host talks to first
+    for d in rounds:
+        await with_timeout(d, 30)
+    assert record.order == ["h1", "h2", "h0"] and record.most == 1
+    assert all(h.keeper.losses == 0 for h in hosts)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_fifty_hosts_three_at_a_time(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    hosts = await fleet.start(50, [etcd.client_url], etcd_prefix, limit=3)
+    record = Recorder()
+    started = now()
+    rounds = [Deferred.fromCoroutine(replace(h, record, hold=0.2)) for h in hosts]
+    for d in rounds:
+        await with_timeout(d, 60)
+    took = now() - started
+    assert record.most == 3
+    assert sorted(record.order) == sorted(h.name for h in hosts)
+    polls = sum(h.switch.paths.count("/v3/kv/range") for h in hosts)
+    print(f"50 hosts, 3 at a time, 0.2 s each: {took:.2f} s (ideal {50 / 3 * 0.2:.2f} s),"
+          f" {polls} queue reads ({polls / took:.0f}/s)")
+    assert took < 50 / 3 * 0.2 * 2

@@ -1,0 +1,392 @@
+"""Rollout slots (:mod:`deployer.rollout.slots`, :mod:`deployer.rollout.fleet`): in-process,
+and shared by simulated hosts through the in-memory etcd, on a Clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+
+from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots
+from deployer.rollout.gateway import KV_RANGE, KV_TXN, b64
+from deployer.rollout.keys import RolloutKeys
+from deployer.rollout.lease import LeaseKeeper
+from deployer.rollout.slots import LocalSlots, Slot
+from deployer.rollout.testing import MemoryEtcd, Switch
+from tests.helpers import fired
+
+APP = "myorg/app:qa"
+OTHER = "myorg/other:qa"
+PREFIX = "/deployer"
+KEYS = RolloutKeys(PREFIX)
+TTL = 6
+NEXT = POLL_INTERVAL + 0.05
+"""Long enough for the host next in line to look at the queue."""
+
+
+def advance(clock: Clock, seconds: float, step: float = 0.05) -> None:
+    while seconds > 1e-9:
+        clock.advance(min(step, seconds))
+        seconds -= step
+
+
+# -- LocalSlots -------------------------------------------------------------------------------
+
+
+def test_local_slots_serve_one_at_a_time_first_come_first_served() -> None:
+    clock = Clock()
+    slots = LocalSlots(clock, 1)
+    first = fired(slots.acquire(APP, "a"))
+    second, third = slots.acquire(APP, "b"), slots.acquire(APP, "c")
+    assert not second.called and not third.called
+    holding = slots.holding()[APP]
+    assert [t.container for t in holding.replacing] == ["a"]
+    assert [t.container for t in holding.waiting] == ["b", "c"]
+    clock.advance(3)
+    fired(first.release())
+    assert not third.called
+    got = fired(second)
+    assert got.container == "b" and got.waited == 3 and not got.lost
+    fired(got.release())
+    last = fired(third)
+    assert last.container == "c"
+    fired(last.release())
+    assert slots.holding() == {} and slots._queues == {} and slots._waiters == {}
+
+
+def test_local_slots_limit_two_and_apps_independent() -> None:
+    slots = LocalSlots(Clock(), 2)
+    a, b = fired(slots.acquire(APP, "a")), fired(slots.acquire(APP, "b"))
+    c = slots.acquire(APP, "c")
+    other = slots.acquire(OTHER, "x")
+    assert not c.called and other.called
+    fired(b.release())
+    assert fired(c).container == "c"
+    assert a.waited == 0
+
+
+def test_local_slots_without_limit_never_wait() -> None:
+    slots = LocalSlots(Clock(), 0)
+    held = [fired(slots.acquire(APP, str(i))) for i in range(5)]
+    assert len(slots.holding()[APP].replacing) == 5
+    for slot in held:
+        fired(slot.release())
+    assert slots.holding() == {}
+
+
+def test_local_slot_waiter_that_gives_up_leaves_the_queue() -> None:
+    slots = LocalSlots(Clock(), 1)
+    first = fired(slots.acquire(APP, "a"))
+    leaving, staying = slots.acquire(APP, "b"), slots.acquire(APP, "c")
+    leaving.cancel()
+    with pytest.raises(CancelledError):
+        fired(leaving)
+    assert [t.container for t in slots.holding()[APP].waiting] == ["c"]
+    fired(first.release())
+    assert fired(staying).container == "c"
+
+
+def test_release_twice_releases_once() -> None:
+    slots = LocalSlots(Clock(), 1)
+    first = fired(slots.acquire(APP, "a"))
+    waiting = [slots.acquire(APP, "b"), slots.acquire(APP, "c")]
+    fired(first.release())
+    fired(first.release())
+    assert first.released
+    assert [d.called for d in waiting] == [True, False]
+
+
+def test_negative_limits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        LocalSlots(Clock(), -1)
+
+
+# -- FleetSlots on the in-memory etcd ---------------------------------------------------------
+
+
+class Host:
+    def __init__(self, name: str, etcd: MemoryEtcd, clock: Clock, limit: int) -> None:
+        self.name = name
+        self.link = Switch(etcd)
+        self.keeper = LeaseKeeper(self.link, clock, ttl=TTL)
+        self.slots = FleetSlots(self.link, self.keeper, KEYS, clock, hostname=name, limit=limit)
+        self.keeper.startService()
+
+
+class Fleet:
+    def __init__(self, limit: int = 1, hosts: int = 3) -> None:
+        self.clock = Clock()
+        self.etcd = MemoryEtcd(self.clock)
+        self.hosts = [Host(f"h{i}", self.etcd, self.clock, limit) for i in range(hosts)]
+
+    def slot_keys(self, app: str = APP) -> list[str]:
+        return self.etcd.keys(KEYS.slots(app))
+
+    def holders(self, got: dict[str, Deferred[Slot]]) -> set[str]:
+        return {name for name, d in got.items() if d.called}
+
+    def stop(self) -> None:
+        for host in self.hosts:
+            if host.keeper.running:
+                host.keeper.stopService()
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    fleet = Fleet()
+    yield fleet
+    fleet.stop()
+
+
+def ask(fleet: Fleet, order: list[int], app: str = APP) -> dict[str, Deferred[Slot]]:
+    """Each host in ``order`` asks for a slot, a moment after the one before."""
+    got = {}
+    for i in order:
+        host = fleet.hosts[i]
+        got[host.name] = host.slots.acquire(app, f"{host.name}-web")
+        fleet.clock.advance(0.01)
+    return got
+
+
+def test_waiters_are_served_in_the_order_they_asked(fleet: Fleet) -> None:
+    got = ask(fleet, [2, 0, 1])
+    assert fleet.holders(got) == {"h2"}
+    assert len(fleet.slot_keys()) == 3
+    order = []
+    for _ in range(3):
+        [name] = fleet.holders(got) - set(order)
+        order.append(name)
+        advance(fleet.clock, 5)
+        assert fleet.holders(got) == set(order)  # nobody else while it is held
+        fired(fired(got[name]).release())
+        advance(fleet.clock, NEXT)  # the next in line looks within one poll interval
+    assert order == ["h2", "h0", "h1"]
+    assert fleet.slot_keys() == []
+
+
+def test_slot_value_names_host_container_and_time(fleet: Fleet) -> None:
+    fleet.clock.advance(100)
+    slot = fired(fleet.hosts[0].slots.acquire(APP, "web-1"))
+    lease = fleet.hosts[0].keeper.current
+    assert lease is not None and slot.lease is lease
+    assert slot.key == f"{PREFIX}/_/rollout/{APP}/{lease.hex}"
+    assert fleet.etcd.get(slot.key) == {"host": "h0", "container": "web-1", "since": 100.0}
+    assert fleet.etcd.kvs[slot.key.encode()].lease == lease.id
+
+
+def test_max_unavailable_two_lets_two_hold_at_once() -> None:
+    fleet = Fleet(limit=2, hosts=4)
+    got = ask(fleet, [0, 1, 2, 3])
+    advance(fleet.clock, 3)
+    assert fleet.holders(got) == {"h0", "h1"}
+    fired(fired(got["h1"]).release())
+    advance(fleet.clock, NEXT)
+    assert fleet.holders(got) == {"h0", "h1", "h2"}
+    assert not got["h3"].called
+    fired(fired(got["h0"]).release())
+    advance(fleet.clock, NEXT)
+    assert got["h3"].called
+    fleet.stop()
+
+
+def test_apps_roll_independently(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1])
+    other = fleet.hosts[1].slots.acquire(OTHER, "h1-other")
+    assert fleet.holders(got) == {"h0"} and other.called
+
+
+def test_a_host_takes_one_slot_of_an_app_at_a_time(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    first = host.slots.acquire(APP, "web-1")
+    second = host.slots.acquire(APP, "web-2")
+    elsewhere = fleet.hosts[1].slots.acquire(APP, "h1-web")
+    advance(fleet.clock, 1)
+    assert first.called and not second.called
+    assert len(fleet.slot_keys()) == 2  # web-2 has not queued in etcd yet: h1 is ahead of it
+    fired(fired(first).release())
+    advance(fleet.clock, NEXT)
+    assert elsewhere.called and not second.called
+    fired(fired(elsewhere).release())
+    advance(fleet.clock, NEXT)
+    slot = fired(second)
+    assert slot.container == "web-2" and slot.waited == pytest.approx(1 + 2 * NEXT, abs=0.15)
+    assert fleet.etcd.get(str(slot.key))["container"] == "web-2"
+
+
+def test_giving_up_a_wait_deletes_the_key_and_the_next_moves_up(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1, 2])
+    got["h1"].cancel()
+    with pytest.raises(CancelledError):
+        fired(got["h1"])
+    assert len(fleet.slot_keys()) == 2
+    fired(fired(got["h0"]).release())
+    advance(fleet.clock, 2 * POLL_INTERVAL + 0.05)  # h2 stood second in line
+    assert got["h2"].called
+
+
+def test_no_limit_asks_nothing_of_etcd() -> None:
+    fleet = Fleet(limit=0)
+    before = len(fleet.etcd.requests)
+    got = ask(fleet, [0, 1, 2])
+    assert fleet.holders(got) == {"h0", "h1", "h2"}
+    assert len(fleet.etcd.requests) == before
+    fleet.stop()
+
+
+def test_a_holder_cut_off_loses_its_slot_after_the_ttl_and_the_next_takes_it(
+    fleet: Fleet,
+) -> None:
+    got = ask(fleet, [0, 1])
+    holder = fired(got["h0"])
+    lost = holder.when_lost()
+    fleet.hosts[0].link.cut = True  # its keepalives stop reaching etcd
+    advance(fleet.clock, TTL - 1)
+    assert not got["h1"].called and not holder.lost
+    advance(fleet.clock, 1.5)
+    assert holder.lost and "no keepalive answered" in str(holder.lost_reason)
+    assert fired(lost) == holder.lost_reason
+    advance(fleet.clock, 1.0)  # etcd let the lease go; the next waiter looks
+    assert got["h1"].called
+    # the cut-off host finishes its replacement; it takes no new slot without a lease
+    again = fleet.hosts[0].slots.acquire(OTHER, "h0-other")
+    advance(fleet.clock, 10)
+    assert not again.called
+    fired(holder.release())  # etcd is unreachable and the lease is gone: nothing to wait for
+    fleet.hosts[0].link.cut = False
+    advance(fleet.clock, 3)
+    assert again.called and not fired(again).lost
+
+
+def test_a_lease_revoked_while_waiting_queues_again_with_a_new_one(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1, 2])
+    waiter = fleet.hosts[1].keeper.current
+    assert waiter is not None
+    fired(fleet.etcd.request("/v3/lease/revoke", {"ID": str(waiter.id)}))
+    advance(fleet.clock, TTL)
+    assert not waiter.alive
+    renewed = fleet.hosts[1].keeper.current
+    assert renewed is not None and renewed is not waiter
+    assert fleet.slot_keys() == sorted(
+        KEYS.slot(APP, h.keeper.current.id) for h in fleet.hosts if h.keeper.current
+    )
+    fired(fired(got["h0"]).release())
+    advance(fleet.clock, NEXT)
+    assert fleet.holders(got) == {"h0", "h2"}  # h1 queued again, behind h2
+    fired(fired(got["h2"]).release())
+    advance(fleet.clock, NEXT)
+    assert got["h1"].called and fired(got["h1"]).lease is renewed
+
+
+def test_a_key_deleted_by_hand_while_waiting_queues_again(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1])
+    lease = fleet.hosts[1].keeper.current
+    assert lease is not None
+    fired(fleet.etcd.request("/v3/kv/deleterange", {"key": b64(KEYS.slot(APP, lease.id))}))
+    advance(fleet.clock, 3)
+    assert len(fleet.slot_keys()) == 2  # queued again
+    fired(fired(got["h0"]).release())
+    advance(fleet.clock, NEXT)
+    assert got["h1"].called
+
+
+def test_etcd_down_while_queueing_is_retried(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    host.link.cut = True
+    d = host.slots.acquire(APP, "web")
+    advance(fleet.clock, 2)
+    assert not d.called
+    host.link.cut = False
+    advance(fleet.clock, 5)
+    assert d.called and fired(d).lease is host.keeper.current
+
+
+def test_a_release_that_fails_is_retried_while_the_lease_lives(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1])
+    holder = fired(got["h0"])
+    fleet.hosts[0].link.cut = True
+    released = holder.release()
+    advance(fleet.clock, 1)
+    assert not released.called and not got["h1"].called
+    fleet.hosts[0].link.cut = False
+    advance(fleet.clock, 5)
+    assert released.called and got["h1"].called
+    assert not holder.lost
+
+
+def test_waiters_far_back_look_less_often() -> None:
+    fleet = Fleet(limit=1, hosts=10)
+    ask(fleet, list(range(10)))
+    before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
+    advance(fleet.clock, 10, step=0.01)
+    polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    # the holder looks no more; the next in line every POLL_INTERVAL, the second every two,
+    # ... never less often than every MAX_POLL_INTERVAL
+    expected = [0] + [10 / min(MAX_POLL_INTERVAL, POLL_INTERVAL * n) for n in range(1, 10)]
+    assert polls == pytest.approx(expected, rel=0.1, abs=1)
+    assert fleet.etcd.count(KV_TXN) == 10  # one write each: waiting writes nothing
+    fleet.stop()
+
+
+def test_nudge_looks_at_once(fleet: Fleet) -> None:
+    got = ask(fleet, [0, 1])
+    fired(fleet.etcd.request("/v3/kv/deleterange", {"key": b64(str(fired(got["h0"]).key))}))
+    fleet.hosts[1].slots.nudge(APP)
+    assert got["h1"].called
+
+
+def test_an_app_whose_name_begins_another_does_not_share_its_queue(fleet: Fleet) -> None:
+    short, long = "localhost:5000", "localhost:5000/foo:qa"
+    held = fired(fleet.hosts[0].slots.acquire(long, "x"))
+    assert fleet.hosts[1].slots.acquire(short, "y").called
+    assert held.key is not None and held.key.startswith(KEYS.slots(short))
+
+
+
+
+def test_a_lease_etcd_forgot_is_replaced_when_taking_a_slot(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    old = host.keeper.current
+    assert old is not None
+    del fleet.etcd.leases[old.id]  # gone in etcd; the keeper learns at the next keepalive
+    slot = fired(host.slots.acquire(APP, "web"))
+    assert not old.alive and "seen taking a slot" in str(old.lost_reason)
+    assert slot.lease is host.keeper.current and slot.lease is not old
+    assert fleet.slot_keys() == [slot.key]
+
+
+def test_a_lease_lost_as_soon_as_granted_is_not_used(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    fired(host.keeper.stopService())
+    waiting = host.slots.acquire(APP, "web")
+    forget_next = [True]
+    real = fleet.etcd._grant
+
+    def phantom(etcd: MemoryEtcd, body: dict[str, Any]) -> dict[str, Any]:
+        answer = real(body)
+        if forget_next:
+            forget_next.clear()
+            del etcd.leases[int(answer["ID"])]  # granted, and gone at once (as if it expired)
+        return answer
+
+    fleet.etcd._paths = {**MemoryEtcd._paths, "/v3/lease/grant": phantom}
+    fleet.etcd.max_requests = len(fleet.etcd.requests) + 50  # a spin fails, not hangs
+    host.keeper.startService()  # the waiter hears of the phantom lease first
+    slot = fired(waiting)
+    assert host.keeper.grants == 3 and host.keeper.losses == 2  # stopped once, phantom once
+    assert slot.lease is host.keeper.current and slot.lease is not None
+    assert slot.lease.id in fleet.etcd.leases
+
+
+def test_with_two_at_a_time_the_two_next_in_line_look_often() -> None:
+    fleet = Fleet(limit=2, hosts=6)
+    ask(fleet, list(range(6)))
+    before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
+    advance(fleet.clock, 10, step=0.01)
+    polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    # h0 and h1 hold; h2 and h3 are one release away, h4 and h5 two
+    expected = [0, 0] + [10 / POLL_INTERVAL] * 2 + [10 / (2 * POLL_INTERVAL)] * 2
+    assert polls == pytest.approx(expected, rel=0.1, abs=1)
+    fleet.stop()
