@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from deployer.docker import DockerClient, engine_agent, engine_pool
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport
+from deployer.reference import parse_reference
 from deployer.testing.agents import CountingAgent
 from tests.stack.docker_stack import Dockerd, ImageBuilder, run_container, unique
 
@@ -40,11 +41,7 @@ def reconciler(engine: Engine, reports: list[RoundReport], **kw: Any) -> Reconci
 
 
 def update(pattern: str) -> Update:
-    name, _, tag = pattern.rpartition(":") if pattern.rfind(":") > pattern.rfind("/") else (
-        pattern, "", "")
-    host, _, repo = name.partition("/")
-    return Update(repository=repo, registry=host, tag=tag or None, source="test",
-                  received=reactor.seconds())
+    return Update.from_reference(parse_reference(pattern), "test", reactor.seconds())
 
 
 @pytest_twisted.ensureDeferred
