@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -21,11 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
@@ -37,7 +34,11 @@ from deployer.errors import (
     ImageNotFound,
     NotFound,
     PullFailed,
+    TimedOut,
 )
+from deployer.lines import BadLine, JSONLinesReader
+from deployer.reference import split
+from deployer.timeouts import cancel_after
 
 log = Logger()
 
@@ -61,7 +62,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 
 
-def negotiate_version(server: str, server_min: str | None = None) -> str:
+def negotiate_version(server: str) -> str:
     """The version the docker CLI would choose: ours, or the engine's when that is older."""
     if not server:
         return CLIENT_API_VERSION
@@ -178,17 +179,18 @@ def engine_agent(reactor: Any, url: str, pool: HTTPConnectionPool | None = None)
 PULL_STALL_TIMEOUT = 300.0
 
 
-class _PullReader(Protocol):
-    """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly.
+class _PullReader(JSONLinesReader):
+    """Reads the JSON lines of a pull (framing by :class:`JSONLinesReader`, unreadable lines
+    skipped); keeps the first error and logs progress sparingly.
 
-    A watchdog ends the pull as failed when the stream is silent for ``stall_timeout``."""
+    A watchdog ends the pull as failed when the stream is silent for ``stall_timeout``:
+    :attr:`done` then fails with :class:`PullFailed`."""
 
-    def __init__(self, done: Deferred[None], repotag: str, clock: IReactorTime,
+    def __init__(self, repotag: str, clock: IReactorTime,
                  stall_timeout: float = PULL_STALL_TIMEOUT) -> None:
-        self.done = done
+        super().__init__(self._progress, strict=False, what=f"pull {repotag}")
         self.repotag = repotag
         self.clock = clock
-        self.buffer = b""
         self.error: str | None = None
         self.last_status = ""
         self.next_log = 0.0
@@ -196,40 +198,22 @@ class _PullReader(Protocol):
         self.watchdog: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.watchdog = self.clock.callLater(self.stall_timeout, self._stalled)
+        super().connectionMade()
+        if not self.done.called:
+            self.watchdog = self.clock.callLater(self.stall_timeout, self._stalled)
 
     def _stalled(self) -> None:
         self.watchdog = None
         log.error("pull {repotag}: no progress for {seconds:g} s; giving up",
                   repotag=self.repotag, seconds=self.stall_timeout)
-        done, self.done = self.done, Deferred()
-        self.done.addErrback(lambda _: None)  # the stream's end, after giving up, is moot
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-        done.errback(PullFailed(
-            f"pull {self.repotag}: no progress for {self.stall_timeout:g} s"
-        ))
+        self.fail(PullFailed(f"pull {self.repotag}: no progress for {self.stall_timeout:g} s"))
 
     def dataReceived(self, data: bytes) -> None:
         if self.watchdog is not None and self.watchdog.active():
             self.watchdog.reset(self.stall_timeout)
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            self.line(line)
+        super().dataReceived(data)
 
-    def line(self, line: bytes) -> None:
-        line = line.strip()
-        if not line:
-            return
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            log.warn("pull {repotag}: unreadable progress line {line!r}", repotag=self.repotag,
-                     line=line[:200])
-            return
-        if not isinstance(msg, dict):
-            return
+    def _progress(self, msg: dict[str, Any]) -> None:
         if msg.get("error") or msg.get("errorDetail"):
             detail = msg.get("errorDetail") or {}
             if not isinstance(detail, dict):
@@ -254,14 +238,7 @@ class _PullReader(Protocol):
         if self.watchdog is not None and self.watchdog.active():
             self.watchdog.cancel()
         self.watchdog = None
-        if self.buffer:
-            self.line(self.buffer)
-            self.buffer = b""
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            why = _describe(reason.value)
-            self.done.errback(DockerUnavailable(f"pull {self.repotag}: connection lost: {why}"))
+        super().connectionLost(reason)
 
 
 class DockerClient:
@@ -318,13 +295,13 @@ class DockerClient:
         url = self.base + path
         if params:
             url += "?" + urlencode(params)
+        seconds = timeout or self.request_timeout
+        request = self.http.request(method, url, headers=dict(headers or {}))
         try:
-            response: IResponse = await self.http.request(
-                method,
-                url,
-                headers=dict(headers or {}),
-                timeout=timeout or self.request_timeout,
-            )
+            response = await cancel_after(request, seconds, self.reactor, f"{method} {path}")
+        except TimedOut as e:
+            self._version = None
+            raise DockerUnavailable(f"the Docker engine did not answer: {e}") from e
         except _CONNECTION_ERRORS as e:
             self._version = None  # the engine may come back with another version
             raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
@@ -368,9 +345,7 @@ class DockerClient:
                 info = json.loads(body)
             except ValueError as e:
                 raise DockerError(f"/version: no JSON: {body[:200]!r}") from e
-            self._version = negotiate_version(
-                str(info.get("ApiVersion", "")), info.get("MinAPIVersion")
-            )
+            self._version = negotiate_version(str(info.get("ApiVersion", "")))
             log.info("Docker engine {engine}, API {api}", engine=info.get("Version", "?"),
                      api=self._version)
         return self._version
@@ -402,19 +377,16 @@ class DockerClient:
     async def pull(self, repotag: str, timeout: float = 3600.0) -> None:
         """Pull one ``repo:tag``; raises :class:`PullFailed` when the engine reports an error,
         even inside a 200 stream."""
-        rest, _, digest = repotag.partition("@")
-        slash, colon = rest.rfind("/"), rest.rfind(":")
+        name, tag, digest = split(repotag)
         if digest:
-            name, tag = rest if colon <= slash else rest[:colon], digest
-        elif colon > slash:
-            name, tag = rest[:colon], rest[colon + 1:]
-        else:
+            tag = digest
+        elif tag is None:
             raise PullFailed(f"{repotag!r} names no tag; refusing to pull every tag")
         headers: dict[bytes | str, bytes | str] = {}
         auth = self.credentials.for_image(repotag)
         if auth is not None:
             headers["X-Registry-Auth"] = auth.header()
-        started = time.monotonic()
+        started = self.reactor.seconds()
         response = await self._request(
             "POST",
             "/images/create",
@@ -426,14 +398,21 @@ class DockerClient:
             body = await self._body(response)
             error = _error(response.code, body, "/images/create")
             raise PullFailed(f"pull {repotag}: {error.message}", response.code)
-        done: Deferred[None] = Deferred()
-        reader = _PullReader(done, repotag, self.reactor, self.pull_stall_timeout)
+        reader = _PullReader(repotag, self.reactor, self.pull_stall_timeout)
         response.deliverBody(reader)
-        await done
+        try:
+            await reader.done
+        except PullFailed:
+            raise
+        except BadLine as e:
+            raise PullFailed(str(e), 200) from e
+        except Exception as e:
+            why = _describe(e)
+            raise DockerUnavailable(f"pull {repotag}: connection lost: {why}") from e
         if reader.error is not None:
             raise PullFailed(f"pull {repotag}: {reader.error}", 200)
         log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
-                 seconds=time.monotonic() - started)
+                 seconds=self.reactor.seconds() - started)
 
     async def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, killing it after ``timeout`` seconds; a stopped one is fine."""
