@@ -23,7 +23,6 @@ round's requests back and retries later with a capped backoff; no error ends the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -33,10 +32,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deployer.backoff import backoff
 from deployer.docker import Container, Image, looks_like_id
 from deployer.errors import ContainerNotFound, DockerError, DockerUnavailable
 from deployer.model import Update
-from deployer.reference import familiar, matches
+from deployer.reference import familiar, matches, with_tag
 
 log = Logger()
 
@@ -88,16 +88,6 @@ class RoundReport:
         return not self.failed and not self.errors
 
 
-def with_tag(name: str) -> str:
-    """A container's image name as a ``repo:tag`` (``latest`` when it names none)."""
-    rest = name.partition("@")[0]
-    if rest.rfind(":") > rest.rfind("/"):
-        return familiar(name)
-    if "@" in name:
-        return familiar(name)
-    return familiar(name + ":latest")
-
-
 @attrs.define
 class _Round:
     updates: list[Update]
@@ -139,6 +129,7 @@ class Reconciler:
         self.observers = list(observers)
         self.retry_delay = retry_delay
         self.retry_max = retry_max
+        self._retry_policy = backoff(retry_delay, retry_max)
         self._pending: dict[str, list[Update]] = {}
         self._round: _Round | None = None
         self._running = False
@@ -238,7 +229,7 @@ class Reconciler:
                      patterns=sorted(self._pending), error=str(error))
             return
         self._failures += 1
-        delay = min(self.retry_max, self.retry_delay * 2 ** (self._failures - 1))
+        delay = self._retry_policy(self._failures - 1)
         log.warn(
             "Docker engine error ({error}); retrying {patterns} in {delay:.1f} s",
             error=str(error),
@@ -343,7 +334,7 @@ class Reconciler:
 
     async def _pull(self, tag: str, state: _Round) -> float:
         state.waiting.discard(familiar(tag))
-        started = time.monotonic()
+        started = self.reactor.seconds()
         try:
             await self.engine.pull(tag)
         except DockerUnavailable:
@@ -352,7 +343,7 @@ class Reconciler:
             log.error("pull of {tag} failed: {error}; its containers are left running",
                       tag=tag, error=str(e))
             raise
-        return time.monotonic() - started
+        return self.reactor.seconds() - started
 
     async def _container_tags(self, running: Sequence[Container]) -> dict[str, str]:
         """The ``repo:tag`` each running container was started from.

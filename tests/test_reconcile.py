@@ -412,6 +412,8 @@ def test_at_most_max_pulls_run_at_once_and_all_complete(host: Host) -> None:
     assert sorted(report.pulled) == tags
     assert len(report.stopped) == 5
     assert report.finished - report.started == 3
+    # measured on the reconciler's clock: the first two pulls were held for 3 s
+    assert sorted(report.pull_seconds.values()) == [0, 0, 0, 3, 3]
 
 
 # -- 5. coalescing ----------------------------------------------------------------------------
