@@ -16,13 +16,12 @@ from urllib.parse import quote, urlencode, urlsplit
 import attrs
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
@@ -34,10 +33,12 @@ from deployer.errors import (
     ImageNotFound,
     NotFound,
     PullFailed,
+    PullStalled,
     TimedOut,
 )
-from deployer.lines import BadLine, JSONLinesReader
-from deployer.reference import split
+from deployer.lines import BadLine
+from deployer.pulls import PULL_STALL_TIMEOUT, PullReader, Watchdog
+from deployer.reference import registry_host, split
 from deployer.timeouts import cancel_after
 
 log = Logger()
@@ -174,76 +175,11 @@ def engine_agent(reactor: Any, url: str, pool: HTTPConnectionPool | None = None)
     return Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
 
 
-#: A pull whose stream says nothing for this long has stalled (the engine itself never gives up
-#: on a registry that stops sending); it then fails, stopping nothing, and the next round retries.
-PULL_STALL_TIMEOUT = 300.0
-
-
-class _PullReader(JSONLinesReader):
-    """Reads the JSON lines of a pull (framing by :class:`JSONLinesReader`, unreadable lines
-    skipped); keeps the first error and logs progress sparingly.
-
-    A watchdog ends the pull as failed when the stream is silent for ``stall_timeout``:
-    :attr:`done` then fails with :class:`PullFailed`."""
-
-    def __init__(self, repotag: str, clock: IReactorTime,
-                 stall_timeout: float = PULL_STALL_TIMEOUT) -> None:
-        super().__init__(self._progress, strict=False, what=f"pull {repotag}")
-        self.repotag = repotag
-        self.clock = clock
-        self.error: str | None = None
-        self.last_status = ""
-        self.next_log = 0.0
-        self.stall_timeout = stall_timeout
-        self.watchdog: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if not self.done.called:
-            self.watchdog = self.clock.callLater(self.stall_timeout, self._stalled)
-
-    def _stalled(self) -> None:
-        self.watchdog = None
-        log.error("pull {repotag}: no progress for {seconds:g} s; giving up",
-                  repotag=self.repotag, seconds=self.stall_timeout)
-        self.fail(PullFailed(f"pull {self.repotag}: no progress for {self.stall_timeout:g} s"))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.watchdog is not None and self.watchdog.active():
-            self.watchdog.reset(self.stall_timeout)
-        super().dataReceived(data)
-
-    def _progress(self, msg: dict[str, Any]) -> None:
-        if msg.get("error") or msg.get("errorDetail"):
-            detail = msg.get("errorDetail") or {}
-            if not isinstance(detail, dict):
-                detail = {}
-            message = msg.get("error") or detail.get("message")
-            if self.error is None:
-                self.error = str(message or "unknown pull error")
-            return
-        status = str(msg.get("status", ""))
-        if "progressDetail" in msg and msg.get("progress"):
-            now = self.clock.seconds()
-            if now >= self.next_log:
-                self.next_log = now + 5.0
-                log.debug("pull {repotag}: {status} {progress}", repotag=self.repotag,
-                          status=status, progress=msg.get("progress"))
-            return
-        if status and status != self.last_status and not msg.get("id"):
-            self.last_status = status
-            log.info("pull {repotag}: {status}", repotag=self.repotag, status=status)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if self.watchdog is not None and self.watchdog.active():
-            self.watchdog.cancel()
-        self.watchdog = None
-        super().connectionLost(reason)
-
-
 class DockerClient:
     """The engine client. Build it with :meth:`from_url`, or give it any ``IAgent`` (tests give
-    one over an in-memory engine)."""
+    one over an in-memory engine). ``reactor`` is also the clock of every timeout:
+    ``request_timeout`` for an engine call's answer, ``pull_stall_timeout`` for a pull that
+    makes no progress (see :meth:`pull`)."""
 
     def __init__(
         self,
@@ -270,9 +206,18 @@ class DockerClient:
         reactor: Any,
         url: str = DEFAULT_DOCKER_URL,
         credentials: Credentials | None = None,
+        *,
+        pull_stall_timeout: float = PULL_STALL_TIMEOUT,
     ) -> DockerClient:
         pool = engine_pool(reactor)
-        return cls(reactor, engine_agent(reactor, url, pool), "http://docker", credentials, pool)
+        return cls(
+            reactor,
+            engine_agent(reactor, url, pool),
+            "http://docker",
+            credentials,
+            pool,
+            pull_stall_timeout=pull_stall_timeout,
+        )
 
     def close(self) -> Deferred[None]:
         if self.pool is None:
@@ -303,6 +248,8 @@ class DockerClient:
             self._version = None
             raise DockerUnavailable(f"the Docker engine did not answer: {e}") from e
         except _CONNECTION_ERRORS as e:
+            if _cancelled(e):
+                raise CancelledError(f"{method} {path} cancelled") from e  # by us, not the engine
             self._version = None  # the engine may come back with another version
             raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
         return response
@@ -376,17 +323,43 @@ class DockerClient:
 
     async def pull(self, repotag: str, timeout: float = 3600.0) -> None:
         """Pull one ``repo:tag``; raises :class:`PullFailed` when the engine reports an error,
-        even inside a 200 stream."""
+        even inside a 200 stream.
+
+        A pull that makes no progress for :attr:`pull_stall_timeout` seconds (no response
+        headers yet, or nothing more in its stream) is cancelled and raises
+        :class:`PullStalled`. ``timeout`` bounds the wait for the engine's answer."""
         name, tag, digest = split(repotag)
         if digest:
             tag = digest
         elif tag is None:
             raise PullFailed(f"{repotag!r} names no tag; refusing to pull every tag")
+        started = self.reactor.seconds()
+        watchdog = Watchdog(self.reactor, self.pull_stall_timeout)
+        work = Deferred.fromCoroutine(self._pull(repotag, name, tag, timeout, watchdog))
+        watchdog.start(work.cancel)
+        try:
+            await work
+        except Exception as e:
+            if not watchdog.expired:
+                raise
+            registry = registry_host(repotag) or "docker.io"
+            log.error("pull {repotag}: no progress from registry {registry} for {seconds:g} s;"
+                      " giving up", repotag=repotag, registry=registry,
+                      seconds=self.pull_stall_timeout)
+            raise PullStalled(f"pull {repotag}: no progress from registry {registry} for"
+                              f" {self.pull_stall_timeout:g} s") from e
+        finally:
+            watchdog.stop()
+        log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
+                 seconds=self.reactor.seconds() - started)
+
+    async def _pull(
+        self, repotag: str, name: str, tag: str, timeout: float, watchdog: Watchdog
+    ) -> None:
         headers: dict[bytes | str, bytes | str] = {}
         auth = self.credentials.for_image(repotag)
         if auth is not None:
             headers["X-Registry-Auth"] = auth.header()
-        started = self.reactor.seconds()
         response = await self._request(
             "POST",
             "/images/create",
@@ -394,15 +367,16 @@ class DockerClient:
             headers=headers,
             timeout=timeout,
         )
+        watchdog.alive()
         if response.code != 200:
             body = await self._body(response)
             error = _error(response.code, body, "/images/create")
             raise PullFailed(f"pull {repotag}: {error.message}", response.code)
-        reader = _PullReader(repotag, self.reactor, self.pull_stall_timeout)
+        reader = PullReader(repotag, self.reactor, watchdog)
         response.deliverBody(reader)
         try:
             await reader.done
-        except PullFailed:
+        except CancelledError:
             raise
         except BadLine as e:
             raise PullFailed(str(e), 200) from e
@@ -411,8 +385,6 @@ class DockerClient:
             raise DockerUnavailable(f"pull {repotag}: connection lost: {why}") from e
         if reader.error is not None:
             raise PullFailed(f"pull {repotag}: {reader.error}", 200)
-        log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
-                 seconds=self.reactor.seconds() - started)
 
     async def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, killing it after ``timeout`` seconds; a stopped one is fine."""
@@ -429,6 +401,13 @@ class DockerClient:
 
 async def _nothing() -> None:
     return None
+
+
+def _cancelled(e: BaseException) -> bool:
+    """True for the agent's way of saying that the request was cancelled (by its caller)."""
+    return isinstance(e, ResponseFailed) and bool(e.reasons) and all(
+        r.check(CancelledError) for r in e.reasons
+    )
 
 
 def _describe(e: BaseException) -> str:

@@ -48,6 +48,11 @@ class PullFailed(DockerError):
     """A pull ended in an error, possibly after the engine had answered 200."""
 
 
+class PullStalled(PullFailed):
+    """A pull given up on because it made no progress for its stall timeout (a registry that
+    hangs): a failed pull like any other, but worth counting apart."""
+
+
 class TimedOut(DeployerError, TimeoutError):
     """Work that was given up on after its time limit (see :mod:`deployer.timeouts`). It is a
     ``TimeoutError`` too, so code that expects the builtin keeps working."""

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from klein import Klein
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -46,6 +46,7 @@ from deployer.testing.memory_state import (
     IMAGE_SIZE,
     ContainerState,
     EngineState,
+    Gate,
     ImageState,
     PullRecord,
     RemoteImage,
@@ -361,20 +362,36 @@ class MemoryDocker(EngineState):
         self.pulls_in_progress += 1
         self.max_pulls_in_progress = max(self.max_pulls_in_progress, self.pulls_in_progress)
         d = Deferred.fromCoroutine(self._stream_pull(request, ref.path, repotags))
-        d.addBoth(self._pull_ended, request)
+        d.addBoth(self._pull_ended, request, repotags)
         if not d.called:
             # The answer ends later, outside any agent's pump: push it through when it does.
             request.notifyFinish().addBoth(lambda _: self.flush())
         return d
 
-    def _pull_ended(self, result: object, request: IRequest) -> bytes:
+    def _pull_ended(self, result: object, request: IRequest, repotags: list[str]) -> object:
         self.pulls_in_progress -= 1
+        if isinstance(result, Failure) and result.check(CancelledError):
+            # The client went away (Klein cancels the answer): nothing more to write.
+            self.pulls_abandoned.extend(repotags)
+            return result
         if isinstance(result, Failure):
             log.failure("MemoryDocker: the pull stream broke", result)
             message = f"MemoryDocker: the pull stream broke: {result.getErrorMessage()}"
             request.write(json.dumps({"errorDetail": {"message": message}, "error": message},
                                      separators=(",", ":")).encode() + b"\n")
         return b""
+
+    @staticmethod
+    async def _held(gate: Gate, line: Callable[[Mapping[str, Any]], None]) -> bool:
+        """Wait for ``gate``; False when it opened with an error (then sent as an error line)."""
+        try:
+            await gate.wait()
+        except CancelledError:
+            raise
+        except Exception as e:
+            line({"errorDetail": {"message": str(e)}, "error": str(e)})
+            return False
+        return True
 
     async def _stream_pull(self, request: IRequest, path: str, repotags: list[str]) -> None:
         def line(obj: Mapping[str, Any]) -> None:
@@ -383,13 +400,13 @@ class MemoryDocker(EngineState):
         shown_path = path if "/" in path else "library/" + path
         for repotag in repotags:
             name, tag, _ = split(repotag)
-            line({"status": f"Pulling from {shown_path}", "id": tag})
             gate = self._slow.get(repotag)
-            if gate is not None:
-                try:
-                    await gate.wait()
-                except Exception as e:
-                    line({"errorDetail": {"message": str(e)}, "error": str(e)})
+            if gate is not None and not gate.answer:
+                if not await self._held(gate, line):
+                    return
+            line({"status": f"Pulling from {shown_path}", "id": tag})
+            if gate is not None and gate.answer:
+                if not await self._held(gate, line):
                     return
             failure = self._failures.get(repotag)
             remote = self.remote.get(repotag)

@@ -162,13 +162,21 @@ class PullFailure:
 
 
 class Gate:
-    """Pulls held until a test's Deferred fires; its outcome goes to every one of them."""
+    """Pulls held until a test's Deferred fires; its outcome goes to every one of them.
+    ``answer``: whether a held pull has answered (headers and its first line) meanwhile."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
         self._waiters: list[Deferred[None]] = []
 
     def wait(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
+        """Fires when the gate opens; cancelling it (the client went away) leaves the gate."""
+
+        def leave(waiter: Deferred[None]) -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+        waiter: Deferred[None] = Deferred(leave)
         self._waiters.append(waiter)
         return waiter
 
@@ -199,6 +207,8 @@ class EngineState:
         self.pulls: list[PullRecord] = []
         #: (container id, the ``t`` parameter or None) of every stop asked for.
         self.stops: list[tuple[str, int | None]] = []
+        #: Pulls whose client went away before they ended (e.g. gave up on a held pull).
+        self.pulls_abandoned: list[str] = []
         self._failures: dict[str, PullFailure] = {}
         self._slow: dict[str, Gate] = {}
         self._on_stop: list[Callable[[ContainerState], object]] = []
@@ -245,12 +255,20 @@ class EngineState:
     def clear_pull_failure(self, repotag: str) -> None:
         self._failures.pop(normalize(repotag), None)
 
-    def slow_pull(self, repotag: str, release: Deferred[None]) -> None:
+    def slow_pull(
+        self, repotag: str, release: Deferred[None] | None = None, *, answer: bool = True
+    ) -> None:
         """Pulls of ``repotag`` answer 200, send their first line, and end only when ``release``
-        fires; an errback becomes the error line of every waiting pull. Pulls started after
-        it fired are quick."""
+        fires (never, without one); an errback becomes the error line of every waiting pull.
+        Pulls started after it fired are quick. ``answer=False``: a registry that hangs on the
+        manifest request, where the engine sends nothing, not even response headers, until
+        ``release``. A held pull whose client goes away is dropped (see
+        :attr:`pulls_abandoned`)."""
         repotag = normalize(repotag)
-        gate = Gate()
+        gate = Gate(answer)
+        if release is None:
+            self._slow[repotag] = gate
+            return
         self._slow[repotag] = gate
 
         def opened(result: object) -> None:
@@ -259,6 +277,10 @@ class EngineState:
             gate.open(result)
 
         release.addBoth(opened)
+
+    def clear_slow_pull(self, repotag: str) -> None:
+        """Pulls of ``repotag`` started from now on are quick (held ones stay held)."""
+        self._slow.pop(normalize(repotag), None)
 
     def auth_headers(self, repotag: str) -> list[str | None]:
         """The ``X-Registry-Auth`` header of each pull of ``repotag`` so far."""
