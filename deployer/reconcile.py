@@ -28,17 +28,15 @@ with a capped backoff; no error ends the daemon.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
 
-import attrs
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deployer.backoff import backoff
-from deployer.docker import Container, Image, looks_like_id
+from deployer.docker import Container, looks_like_id
 from deployer.errors import (
     ContainerNotFound,
     DockerError,
@@ -48,6 +46,7 @@ from deployer.errors import (
 )
 from deployer.model import Update
 from deployer.reference import familiar, matches, with_tag
+from deployer.rounds import Engine, Round, RoundReport, Stopped
 
 log = Logger()
 
@@ -55,110 +54,10 @@ log = Logger()
 MAX_QUEUED_PER_PATTERN = 1000
 
 
-class Engine(Protocol):
-    """What a round needs of the Docker engine (:class:`deployer.docker.DockerClient`)."""
-
-    async def images(self) -> list[Image]: ...
-
-    async def containers(self) -> list[Container]: ...
-
-    async def inspect_container(self, container_id: str) -> dict[str, Any]: ...
-
-    async def inspect_image(self, name: str) -> Image: ...
-
-    async def pull(self, repotag: str) -> None: ...
-
-    async def stop(self, container_id: str, timeout: int) -> None: ...
-
-
-@attrs.frozen
-class Stopped:
-    """A container this round stopped so that its supervisor restarts it on ``new_image``."""
-
-    name: str
-    id: str
-    repotag: str
-    old_image: str
-    new_image: str
-
-
-@attrs.frozen
-class RoundReport:
-    """What one round did; given to observers (notifications, metrics, tests).
-
-    ``pulled`` maps each tag pulled to the image id it now points at, ``failed`` each tag whose
-    pull failed to the reason, and ``stalled`` names the failed tags whose pull was given up on
-    because it made no progress (a hung registry).
-    """
-
-    patterns: tuple[str, ...]
-    updates: tuple[Update, ...]
-    pulled: Mapping[str, str]
-    failed: Mapping[str, str]
-    pull_seconds: Mapping[str, float]
-    stopped: tuple[Stopped, ...]
-    errors: tuple[str, ...]
-    started: float
-    finished: float
-    stalled: tuple[str, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.errors
-
-
-@attrs.define(eq=False)
-class _Round:
-    updates: list[Update]
-    patterns: set[str]
-    #: The requests the round serves, by pattern: put back as a whole if the engine goes away.
-    batch: dict[str, list[Update]]
-    started: float
-    #: True while the round reads the engine's lists: any request may still join it.
-    listing: bool = True
-    #: Every local tag, including those that no pattern of the round matches.
-    local: frozenset[str] = frozenset()
-    #: The tags whose pull has not started yet.
-    waiting: set[str] = attrs.field(factory=set)
-    #: Tags still being handled (pulled, then their containers replaced).
-    remaining: int = 0
-    pull_seconds: dict[str, float] = attrs.field(factory=dict)
-    images: dict[str, str] = attrs.field(factory=dict)
-    failed: dict[str, str] = attrs.field(factory=dict)
-    stalled: list[str] = attrs.field(factory=list)
-    stopped: list[Stopped] = attrs.field(factory=list)
-    errors: list[str] = attrs.field(factory=list)
-    unavailable: DockerUnavailable | None = None
-
-    def absorbs(self, pattern: str) -> bool:
-        """True when every local tag the pattern matches still waits for its pull in this
-        round."""
-        if self.listing:
-            return False
-        wanted = {t for t in self.local if matches(pattern, t)}
-        return bool(wanted) and wanted <= self.waiting
-
-    def join(self, update: Update) -> None:
-        self.updates.append(update)
-        self.patterns.add(update.pattern)
-        self.batch.setdefault(update.pattern, []).append(update)
-
-    def report(self, finished: float) -> RoundReport:
-        return RoundReport(
-            patterns=tuple(sorted(self.patterns)),
-            updates=tuple(self.updates),
-            pulled={t: self.images.get(t, "") for t in self.pull_seconds},
-            failed=dict(self.failed),
-            pull_seconds=dict(self.pull_seconds),
-            stopped=tuple(self.stopped),
-            errors=tuple(self.errors),
-            started=self.started,
-            finished=finished,
-            stalled=tuple(self.stalled),
-        )
-
-
 class Reconciler:
+    """The update rounds of one host, over its Docker ``engine``; every timer runs on
+    ``reactor``. ``observers`` get each round's :class:`RoundReport`."""
+
     def __init__(
         self,
         reactor: IReactorTime,
@@ -178,8 +77,8 @@ class Reconciler:
         self.retry_max = retry_max
         self._retry_policy = backoff(retry_delay, retry_max)
         self._pending: dict[str, list[Update]] = {}
-        self._rounds: list[_Round] = []
-        self._listing: _Round | None = None
+        self._rounds: list[Round] = []
+        self._listing: Round | None = None
         #: The tags being handled by a round (pulled, then their containers replaced).
         self._handled: set[str] = set()
         #: Held around each container's replacement: one at a time on the host.
@@ -250,7 +149,7 @@ class Reconciler:
                 for update in updates:
                     listing.join(update)
             return
-        state = _Round(
+        state = Round(
             updates=[u for us in ready.values() for u in us],
             patterns=set(ready),
             batch=ready,
@@ -263,13 +162,13 @@ class Reconciler:
         """Whether a tag the pattern matches is being handled by a round."""
         return any(matches(pattern, tag) for tag in self._handled)
 
-    def _crashed(self, failure: Failure, state: _Round) -> None:
+    def _crashed(self, failure: Failure, state: Round) -> None:
         # _run catches every expected error; reaching here is a bug, which must not end
         # the daemon either.
         log.failure("update loop failed unexpectedly", failure)
         self._ended(state)
 
-    def _ended(self, state: _Round) -> None:
+    def _ended(self, state: Round) -> None:
         if self._listing is state:
             self._listing = None
         if state in self._rounds:
@@ -310,7 +209,7 @@ class Reconciler:
 
     # -- one round ----------------------------------------------------------------------------
 
-    async def _run(self, state: _Round) -> None:
+    async def _run(self, state: Round) -> None:
         log.info("update round for {patterns}", patterns=sorted(state.patterns))
         self._listing = state
         try:
@@ -347,7 +246,7 @@ class Reconciler:
         ])
         self._finished(state)
 
-    def _finished(self, state: _Round) -> None:
+    def _finished(self, state: Round) -> None:
         error = state.unavailable
         if error is not None:
             # The engine went away mid-round: the round runs again once it is back.
@@ -364,7 +263,7 @@ class Reconciler:
                     log.failure("round observer {observer!r} failed", observer=observer)
         self._ended(state)
 
-    async def _deploy(self, state: _Round, tag: str, containers: Sequence[Container]) -> None:
+    async def _deploy(self, state: Round, tag: str, containers: Sequence[Container]) -> None:
         """Handle one tag of a round: pull it, then replace its stale containers. Never raises:
         what happened goes into ``state``.
 
@@ -388,7 +287,7 @@ class Reconciler:
             if state.remaining:
                 self._kick()  # requests that waited for this tag need not wait for the round
 
-    async def _pull(self, state: _Round, tag: str) -> str:
+    async def _pull(self, state: Round, tag: str) -> str:
         """Pull ``tag`` (at most ``max_pulls`` at once on the host) and return the image id it
         now points at; "" when the pull failed or the engine does not have it."""
         key = familiar(tag)
@@ -418,14 +317,14 @@ class Reconciler:
         state.images[key] = image.id
         return image.id
 
-    async def _pull_one(self, state: _Round, tag: str) -> float:
+    async def _pull_one(self, state: Round, tag: str) -> float:
         state.waiting.discard(familiar(tag))
         started = self.reactor.seconds()
         await self.engine.pull(tag)
         return max(0.0, self.reactor.seconds() - started)
 
     async def _replace_stale(
-        self, state: _Round, tag: str, containers: Sequence[Container], new_image: str
+        self, state: Round, tag: str, containers: Sequence[Container], new_image: str
     ) -> None:
         for container in containers:
             if container.image_id == new_image:
@@ -490,3 +389,6 @@ class Reconciler:
                 continue  # started by id or pinned by digest: nothing to update it to
             tags[container.id] = with_tag(name)
         return tags
+
+
+__all__ = ["MAX_QUEUED_PER_PATTERN", "Engine", "Reconciler", "RoundReport", "Stopped"]
