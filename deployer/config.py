@@ -20,8 +20,8 @@ import attrs
 from twisted.internet.endpoints import serverFromString
 
 from deployer.auth import GITHUB_SECRET, WEBHOOK_TOKEN, load_secret
-from deployer.docker import DEFAULT_DOCKER_URL, parse_engine_url
 from deployer.dockercfg import DOCKER_HUB_KEY, Credentials, load_credentials
+from deployer.engine_address import DEFAULT_DOCKER_URL, parse_engine_url
 from deployer.errors import ConfigError
 from deployer.notify import DOCKER_HUB_CALLBACK_HOSTS, check_config_url
 

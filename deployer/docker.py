@@ -9,27 +9,26 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import attrs
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
-from zope.interface import implementer
+from twisted.web.client import HTTPConnectionPool, ResponseFailed
+from twisted.web.iweb import IAgent, IResponse
 
+from deployer.credhelpers import RegistryCredentials
 from deployer.dockercfg import Credentials
+from deployer.engine_address import (
+    DEFAULT_DOCKER_URL,
+    engine_agent,
+    engine_pool,
+)
 from deployer.errors import (
     ContainerNotFound,
     DockerError,
@@ -37,7 +36,13 @@ from deployer.errors import (
     ImageNotFound,
     NotFound,
     PullFailed,
+    PullStalled,
+    TimedOut,
 )
+from deployer.lines import BadLine
+from deployer.pulls import PULL_STALL_TIMEOUT, PullReader, Watchdog
+from deployer.reference import registry_host, split
+from deployer.timeouts import cancel_after
 
 log = Logger()
 
@@ -45,8 +50,6 @@ log = Logger()
 CLIENT_API_VERSION = "1.41"
 #: The oldest engine API that has everything used here (``ImageID`` in the container list).
 MIN_API_VERSION = "1.24"
-
-DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 
 _ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$")
 _CONNECTION_ERRORS = (ConnectError, ConnectionRefusedError, TimeoutError, ResponseFailed, OSError)
@@ -61,7 +64,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 
 
-def negotiate_version(server: str, server_min: str | None = None) -> str:
+def negotiate_version(server: str) -> str:
     """The version the docker CLI would choose: ours, or the engine's when that is older."""
     if not server:
         return CLIENT_API_VERSION
@@ -111,169 +114,18 @@ class Container:
         )
 
 
-@implementer(IAgentEndpointFactory)
-@attrs.frozen
-class _FixedEndpoint:
-    """Every request goes to one endpoint, whatever the URL's host says."""
-
-    endpoint: IStreamClientEndpoint
-
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
-        return self.endpoint
-
-
-@attrs.frozen
-class EngineAddress:
-    """Where the engine listens: a unix socket ``path``, or ``host`` and ``port``."""
-
-    path: str | None = None
-    host: str | None = None
-    port: int = 2375
-
-
-def parse_engine_url(url: str) -> EngineAddress:
-    """``unix:///path`` or ``tcp://host:port`` (the forms of ``-docker`` and DOCKER_HOST);
-    :class:`ValueError` says what is wrong with anything else."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        path = parts.path or parts.netloc
-        if not path:
-            raise ValueError(f"no socket path in {url!r}")
-        return EngineAddress(path=path)
-    if parts.scheme in ("tcp", "http"):
-        if not parts.hostname:
-            raise ValueError(f"no host in {url!r}")
-        try:
-            port = parts.port or 2375
-        except ValueError as e:
-            raise ValueError(f"bad port in {url!r}: {e}") from None
-        return EngineAddress(host=parts.hostname, port=port)
-    raise ValueError(f"unsupported Docker endpoint {url!r}: use unix:///path or tcp://host:port")
-
-
-def engine_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
-    address = parse_engine_url(url)
-    if address.path is not None:
-        return UNIXClientEndpoint(reactor, address.path, timeout=10)
-    assert address.host is not None
-    return HostnameEndpoint(reactor, address.host, address.port, timeout=10)
-
-
-def engine_pool(reactor: Any) -> HTTPConnectionPool:
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    pool._factory.noisy = False
-    return pool
-
-
-def engine_agent(reactor: Any, url: str, pool: HTTPConnectionPool | None = None) -> IAgent:
-    """An agent that sends every request to the engine at ``url``, whatever the request URL's
-    host (requests are addressed as ``http://docker/...``)."""
-    endpoint = engine_endpoint(reactor, url)
-    return Agent.usingEndpointFactory(reactor, _FixedEndpoint(endpoint), pool=pool)
-
-
-#: A pull whose stream says nothing for this long has stalled (the engine itself never gives up
-#: on a registry that stops sending); it then fails, stopping nothing, and the next round retries.
-PULL_STALL_TIMEOUT = 300.0
-
-
-class _PullReader(Protocol):
-    """Reads the JSON lines of a pull; keeps the first error and logs progress sparingly.
-
-    A watchdog ends the pull as failed when the stream is silent for ``stall_timeout``."""
-
-    def __init__(self, done: Deferred[None], repotag: str, clock: IReactorTime,
-                 stall_timeout: float = PULL_STALL_TIMEOUT) -> None:
-        self.done = done
-        self.repotag = repotag
-        self.clock = clock
-        self.buffer = b""
-        self.error: str | None = None
-        self.last_status = ""
-        self.next_log = 0.0
-        self.stall_timeout = stall_timeout
-        self.watchdog: IDelayedCall | None = None
-
-    def connectionMade(self) -> None:
-        self.watchdog = self.clock.callLater(self.stall_timeout, self._stalled)
-
-    def _stalled(self) -> None:
-        self.watchdog = None
-        log.error("pull {repotag}: no progress for {seconds:g} s; giving up",
-                  repotag=self.repotag, seconds=self.stall_timeout)
-        done, self.done = self.done, Deferred()
-        self.done.addErrback(lambda _: None)  # the stream's end, after giving up, is moot
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-        done.errback(PullFailed(
-            f"pull {self.repotag}: no progress for {self.stall_timeout:g} s"
-        ))
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.watchdog is not None and self.watchdog.active():
-            self.watchdog.reset(self.stall_timeout)
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            self.line(line)
-
-    def line(self, line: bytes) -> None:
-        line = line.strip()
-        if not line:
-            return
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            log.warn("pull {repotag}: unreadable progress line {line!r}", repotag=self.repotag,
-                     line=line[:200])
-            return
-        if not isinstance(msg, dict):
-            return
-        if msg.get("error") or msg.get("errorDetail"):
-            detail = msg.get("errorDetail") or {}
-            if not isinstance(detail, dict):
-                detail = {}
-            message = msg.get("error") or detail.get("message")
-            if self.error is None:
-                self.error = str(message or "unknown pull error")
-            return
-        status = str(msg.get("status", ""))
-        if "progressDetail" in msg and msg.get("progress"):
-            now = self.clock.seconds()
-            if now >= self.next_log:
-                self.next_log = now + 5.0
-                log.debug("pull {repotag}: {status} {progress}", repotag=self.repotag,
-                          status=status, progress=msg.get("progress"))
-            return
-        if status and status != self.last_status and not msg.get("id"):
-            self.last_status = status
-            log.info("pull {repotag}: {status}", repotag=self.repotag, status=status)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
-        if self.watchdog is not None and self.watchdog.active():
-            self.watchdog.cancel()
-        self.watchdog = None
-        if self.buffer:
-            self.line(self.buffer)
-            self.buffer = b""
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            why = _describe(reason.value)
-            self.done.errback(DockerUnavailable(f"pull {self.repotag}: connection lost: {why}"))
-
-
 class DockerClient:
     """The engine client. Build it with :meth:`from_url`, or give it any ``IAgent`` (tests give
-    one over an in-memory engine)."""
+    one over an in-memory engine). ``reactor`` is also the clock of every timeout:
+    ``request_timeout`` for an engine call's answer, ``pull_stall_timeout`` for a pull that
+    makes no progress (see :meth:`pull`)."""
 
     def __init__(
         self,
         reactor: Any,
         agent: IAgent,
         base: str = "http://docker",
-        credentials: Credentials | None = None,
+        credentials: Credentials | RegistryCredentials | None = None,
         pool: HTTPConnectionPool | None = None,
         request_timeout: float = 60.0,
         pull_stall_timeout: float = PULL_STALL_TIMEOUT,
@@ -282,7 +134,7 @@ class DockerClient:
         self.pull_stall_timeout = pull_stall_timeout
         self.http = HTTPClient(agent)
         self.base = base.rstrip("/")
-        self.credentials = credentials or Credentials()
+        self.credentials = RegistryCredentials.of(reactor, credentials)
         self.pool = pool
         self.request_timeout = request_timeout
         self._version: str | None = None
@@ -292,12 +144,19 @@ class DockerClient:
         cls,
         reactor: Any,
         url: str = DEFAULT_DOCKER_URL,
-        credentials: Credentials | None = None,
+        credentials: Credentials | RegistryCredentials | None = None,
+        *,
         pull_stall_timeout: float = PULL_STALL_TIMEOUT,
     ) -> DockerClient:
         pool = engine_pool(reactor)
-        return cls(reactor, engine_agent(reactor, url, pool), "http://docker", credentials, pool,
-                   pull_stall_timeout=pull_stall_timeout)
+        return cls(
+            reactor,
+            engine_agent(reactor, url, pool),
+            "http://docker",
+            credentials,
+            pool,
+            pull_stall_timeout=pull_stall_timeout,
+        )
 
     def close(self) -> Deferred[None]:
         if self.pool is None:
@@ -314,20 +173,27 @@ class DockerClient:
         headers: Mapping[bytes | str, bytes | str] | None = None,
         versioned: bool = True,
         timeout: float | None = None,
+        body: Any = None,
+        unbuffered: bool = False,
     ) -> IResponse:
         if versioned:
             path = f"/v{await self.version()}{path}"
         url = self.base + path
         if params:
             url += "?" + urlencode(params)
+        seconds = timeout or self.request_timeout
+        extra: dict[str, Any] = {"unbuffered": True} if unbuffered else {}
+        if body is not None:
+            extra["json"] = body
+        request = self.http.request(method, url, headers=dict(headers or {}), **extra)
         try:
-            response: IResponse = await self.http.request(
-                method,
-                url,
-                headers=dict(headers or {}),
-                timeout=timeout or self.request_timeout,
-            )
+            response = await cancel_after(request, seconds, self.reactor, f"{method} {path}")
+        except TimedOut as e:
+            self._version = None
+            raise DockerUnavailable(f"the Docker engine did not answer: {e}") from e
         except _CONNECTION_ERRORS as e:
+            if _cancelled(e):
+                raise CancelledError(f"{method} {path} cancelled") from e  # by us, not the engine
             self._version = None  # the engine may come back with another version
             raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
         return response
@@ -370,9 +236,7 @@ class DockerClient:
                 info = json.loads(body)
             except ValueError as e:
                 raise DockerError(f"/version: no JSON: {body[:200]!r}") from e
-            self._version = negotiate_version(
-                str(info.get("ApiVersion", "")), info.get("MinAPIVersion")
-            )
+            self._version = negotiate_version(str(info.get("ApiVersion", "")))
             log.info("Docker engine {engine}, API {api}", engine=info.get("Version", "?"),
                      api=self._version)
         return self._version
@@ -403,20 +267,43 @@ class DockerClient:
 
     async def pull(self, repotag: str, timeout: float = 3600.0) -> None:
         """Pull one ``repo:tag``; raises :class:`PullFailed` when the engine reports an error,
-        even inside a 200 stream."""
-        rest, _, digest = repotag.partition("@")
-        slash, colon = rest.rfind("/"), rest.rfind(":")
+        even inside a 200 stream.
+
+        A pull that makes no progress for :attr:`pull_stall_timeout` seconds (no response
+        headers yet, or nothing more in its stream) is cancelled and raises
+        :class:`PullStalled`. ``timeout`` bounds the wait for the engine's answer."""
+        name, tag, digest = split(repotag)
         if digest:
-            name, tag = rest if colon <= slash else rest[:colon], digest
-        elif colon > slash:
-            name, tag = rest[:colon], rest[colon + 1:]
-        else:
+            tag = digest
+        elif tag is None:
             raise PullFailed(f"{repotag!r} names no tag; refusing to pull every tag")
+        started = self.reactor.seconds()
+        watchdog = Watchdog(self.reactor, self.pull_stall_timeout)
+        work = Deferred.fromCoroutine(self._pull(repotag, name, tag, timeout, watchdog))
+        watchdog.start(work.cancel)
+        try:
+            await work
+        except Exception as e:
+            if not watchdog.expired:
+                raise
+            registry = registry_host(repotag) or "docker.io"
+            log.error("pull {repotag}: no progress from registry {registry} for {seconds:g} s;"
+                      " giving up", repotag=repotag, registry=registry,
+                      seconds=self.pull_stall_timeout)
+            raise PullStalled(f"pull {repotag}: no progress from registry {registry} for"
+                              f" {self.pull_stall_timeout:g} s") from e
+        finally:
+            watchdog.stop()
+        log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
+                 seconds=self.reactor.seconds() - started)
+
+    async def _pull(
+        self, repotag: str, name: str, tag: str, timeout: float, watchdog: Watchdog
+    ) -> None:
         headers: dict[bytes | str, bytes | str] = {}
-        auth = self.credentials.for_image(repotag)
+        auth = await self.credentials.for_image(repotag)
         if auth is not None:
             headers["X-Registry-Auth"] = auth.header()
-        started = time.monotonic()
         response = await self._request(
             "POST",
             "/images/create",
@@ -424,18 +311,24 @@ class DockerClient:
             headers=headers,
             timeout=timeout,
         )
+        watchdog.alive()
         if response.code != 200:
             body = await self._body(response)
             error = _error(response.code, body, "/images/create")
             raise PullFailed(f"pull {repotag}: {error.message}", response.code)
-        done: Deferred[None] = Deferred()
-        reader = _PullReader(done, repotag, self.reactor, self.pull_stall_timeout)
+        reader = PullReader(repotag, self.reactor, watchdog)
         response.deliverBody(reader)
-        await done
+        try:
+            await reader.done
+        except CancelledError:
+            raise
+        except BadLine as e:
+            raise PullFailed(str(e), 200) from e
+        except Exception as e:
+            why = _describe(e)
+            raise DockerUnavailable(f"pull {repotag}: connection lost: {why}") from e
         if reader.error is not None:
             raise PullFailed(f"pull {repotag}: {reader.error}", 200)
-        log.info("pulled {repotag} in {seconds:.2f} s", repotag=repotag,
-                 seconds=time.monotonic() - started)
 
     async def stop(self, container_id: str, timeout: int) -> None:
         """Stop a container, killing it after ``timeout`` seconds; a stopped one is fine."""
@@ -454,14 +347,8 @@ class DockerClient:
     async def events(self, filters: Mapping[str, list[str]], since: str = "") -> IResponse:
         """``GET /events`` (``since``: ``seconds.nanos``); read the body's JSON lines with
         ``deliverBody``. Unbuffered: treq would otherwise keep every event of the stream."""
-        query = {"filters": json.dumps(dict(filters)), **({"since": since} if since else {})}
-        url = f"{self.base}/v{await self.version()}/events?{urlencode(query)}"
-        try:
-            response: IResponse = await self.http.request(
-                "GET", url, unbuffered=True, timeout=self.request_timeout)
-        except _CONNECTION_ERRORS as e:
-            self._version = None
-            raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
+        params = {"filters": json.dumps(dict(filters)), **({"since": since} if since else {})}
+        response = await self._request("GET", "/events", params=params, unbuffered=True)
         if response.code != 200:
             raise _error(response.code, await self._body(response), "/events")
         return response
@@ -480,6 +367,29 @@ class DockerClient:
         test = ((obj.get("Config") or {}).get("Healthcheck") or {}).get("Test")
         return bool(test) and test != ["NONE"]
 
+    # -- recreation ------------------------------------------------------------------------
+
+    async def create(self, name: str, config: Mapping[str, Any]) -> str:
+        """``POST /containers/create``; the new container's id."""
+        created = await self._json("POST", "/containers/create", params={"name": name},
+                                   body=dict(config))
+        return str(created["Id"])
+
+    async def rename(self, container_id: str, name: str) -> None:
+        path = f"/containers/{quote(container_id, safe='')}/rename"
+        await self._typed(ContainerNotFound, "POST", path, params={"name": name})
+
+    async def remove(self, container_id: str, force: bool = False) -> None:
+        path = f"/containers/{quote(container_id, safe='')}"
+        await self._typed(ContainerNotFound, "DELETE", path,
+                          params={"force": "1" if force else "0"})
+
+    async def connect(self, network: str, container_id: str,
+                      endpoint: Mapping[str, Any] | None = None) -> None:
+        """Attach a container to one more network (``EndpointConfig``: aliases...)."""
+        body = {"Container": container_id, "EndpointConfig": dict(endpoint or {})}
+        await self._json("POST", f"/networks/{quote(network, safe='')}/connect", body=body)
+
     async def _typed(self, error: type[NotFound], method: str, path: str, **kw: Any) -> Any:
         try:
             return await self._json(method, path, **kw)
@@ -489,6 +399,13 @@ class DockerClient:
 
 async def _nothing() -> None:
     return None
+
+
+def _cancelled(e: BaseException) -> bool:
+    """True for the agent's way of saying that the request was cancelled (by its caller)."""
+    return isinstance(e, ResponseFailed) and bool(e.reasons) and all(
+        r.check(CancelledError) for r in e.reasons
+    )
 
 
 def _describe(e: BaseException) -> str:

@@ -53,6 +53,11 @@ class CredentialHelperError(DeployerError):
     not credentials. The message never holds what the helper wrote on its stdout."""
 
 
+class PullStalled(PullFailed):
+    """A pull given up on because it made no progress for its stall timeout (a registry that
+    hangs): a failed pull like any other, but worth counting apart."""
+
+
 class TimedOut(DeployerError, TimeoutError):
     """Work that was given up on after its time limit (see :mod:`deployer.timeouts`). It is a
     ``TimeoutError`` too, so code that expects the builtin keeps working."""

@@ -9,8 +9,9 @@ parts that are secrets (a Slack webhook's path, query strings, user names and pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import attrs
@@ -24,7 +25,9 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from deployer.backoff import RetryPolicy, backoff
 from deployer.errors import ConfigError
+from deployer.timeouts import cancel_after
 
 log = Logger()
 
@@ -135,25 +138,19 @@ def _post_json(
         body = await _read_limited(response, BODY_LIMIT)
         return response.code, body
 
-    return Deferred.fromCoroutine(exchange()).addTimeout(timeout, reactor, _timed_out)
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    """For ``addTimeout``: whatever the cancellation caused (treq reports it as
-    ResponseNeverReceived), the exchange timed out."""
-    raise TimeoutError(f"no complete answer within {timeout:g} s")
+    return cancel_after(Deferred.fromCoroutine(exchange()), timeout, reactor, "no complete answer")
 
 
 async def _with_retries(
     reactor: IReactorTime,
     attempt: Callable[[], Awaitable[None]],
     retries: int,
-    backoff: float,
+    delay: RetryPolicy,
     what: str,
     where: str,
 ) -> bool:
-    """Run ``attempt`` until it succeeds, at most ``retries`` more times, waiting ``backoff``,
-    then twice as long, and so on, in between. True when delivered; never raises."""
+    """Run ``attempt`` until it succeeds, at most ``retries`` more times, waiting ``delay(n)``
+    seconds before retry ``n``. True when delivered; never raises."""
     for number in range(retries + 1):
         try:
             await attempt()
@@ -171,10 +168,15 @@ async def _with_retries(
                 giving_up=", giving up" if last else "",
             )
             if not last:
-                await deferLater(reactor, backoff * 2**number)
+                await deferLater(reactor, delay(number))
         else:
             return True
     return False
+
+
+def _doubling(first: float) -> RetryPolicy:
+    """``first`` seconds before the first retry, then twice as long each time."""
+    return backoff(first, cap=math.inf)
 
 
 def _never_fails(d: Deferred[Any], what: str) -> Deferred[None]:
@@ -324,7 +326,7 @@ class SlackNotifier:
                     self.reactor,
                     attempt,
                     self.retries,
-                    self.backoff,
+                    _doubling(self.backoff),
                     "Slack notification",
                     redact_url(self.webhook_url),
                 )
@@ -397,7 +399,7 @@ class WebhookNotifier:
                     self.reactor,
                     attempt,
                     self.retries,
-                    self.backoff,
+                    _doubling(self.backoff),
                     "Deployment report",
                     redact_url(self.url, keep_path=True),
                 )

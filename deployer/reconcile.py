@@ -1,42 +1,52 @@
 """The update round: pull what a push changed, then stop the containers it made stale.
 
 One :class:`Reconciler` per host. :meth:`Reconciler.request` takes an :class:`Update` from any
-source (webhook, etcd watch, the periodic re-pull) and never blocks; rounds run one at a time.
+source (webhook, etcd watch, the periodic re-pull) and never blocks.
 
-A round, for the patterns requested since the last one:
+A round, for the patterns requested together:
 
 1. list images and running containers (two engine calls, whatever the number of containers);
-2. pull every local ``repo:tag`` that a pattern matches, at most ``max_pulls`` at once;
-3. list images again to learn the id each pulled tag now points at;
-4. stop, one after the other, each running container whose tag was pulled successfully in this
-   round and now points at another image than the one it runs.
+2. pull every local ``repo:tag`` that a pattern matches, at most ``max_pulls`` at once (across
+   all rounds);
+3. as soon as a tag's pull has finished, inspect the image the tag now points at and stop, one
+   after the other, each running container of that tag that runs another image: a tag never
+   waits for the other pulls of its round.
 
-Coalescing: a request whose tags are all still waiting for their pull in the running round is
-merged into that round; any other request waits for the next round, and all requests that arrive
-during a round are merged into one. A burst of webhooks for one repository during a pull thus
-costs at most one more pull, and a push during a pull is never lost.
+Rounds run side by side: a slow or hung pull holds up only the requests that want that tag. A
+request whose tags are all still waiting for their pull in a running round joins that round; a
+request for a tag that is being handled (pulled or stopped) waits until that is done, and all
+such requests then become one round; any other request starts a round at once (or joins the
+round that is reading the engine's lists at that moment). A burst of webhooks for one
+repository during its pull thus costs at most one more pull, a push during a pull is never
+lost, and no tag is ever pulled twice at the same time.
 
-Safety: a tag whose pull failed has none of its containers stopped; a container is stopped only
-when its tag now points at an image the engine has. An engine that cannot be reached puts the
-round's requests back and retries later with a capped backoff; no error ends the daemon.
+Safety: a tag whose pull failed (or stalled) has none of its containers stopped; a container is
+stopped only when its tag now points at an image the engine has; stops happen one at a time on
+the host. An engine that cannot be reached puts the round's requests back and retries later
+with a capped backoff; no error ends the daemon.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
 
-import attrs
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from deployer.docker import Container, Image, looks_like_id
-from deployer.errors import ContainerNotFound, DockerError, DockerUnavailable
+from deployer.backoff import backoff
+from deployer.docker import Container, looks_like_id
+from deployer.errors import (
+    ContainerNotFound,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+    PullStalled,
+)
 from deployer.model import Update
-from deployer.reference import familiar, matches
+from deployer.reference import familiar, matches, with_tag
+from deployer.rounds import Engine, Round, RoundReport, Stopped
 
 log = Logger()
 
@@ -44,84 +54,10 @@ log = Logger()
 MAX_QUEUED_PER_PATTERN = 1000
 
 
-class Engine(Protocol):
-    """What a round needs of the Docker engine (:class:`deployer.docker.DockerClient`)."""
-
-    async def images(self) -> list[Image]: ...
-
-    async def containers(self) -> list[Container]: ...
-
-    async def inspect_container(self, container_id: str) -> dict[str, Any]: ...
-
-    async def pull(self, repotag: str) -> None: ...
-
-    async def stop(self, container_id: str, timeout: int) -> None: ...
-
-
-@attrs.frozen
-class Stopped:
-    """A container this round stopped so that its supervisor restarts it on ``new_image``."""
-
-    name: str
-    id: str
-    repotag: str
-    old_image: str
-    new_image: str
-
-
-@attrs.frozen
-class RoundReport:
-    """What one round did; given to observers (notifications, metrics, tests)."""
-
-    patterns: tuple[str, ...]
-    updates: tuple[Update, ...]
-    pulled: Mapping[str, str]
-    failed: Mapping[str, str]
-    pull_seconds: Mapping[str, float]
-    stopped: tuple[Stopped, ...]
-    errors: tuple[str, ...]
-    started: float
-    finished: float
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.errors
-
-
-def with_tag(name: str) -> str:
-    """A container's image name as a ``repo:tag`` (``latest`` when it names none)."""
-    rest = name.partition("@")[0]
-    if rest.rfind(":") > rest.rfind("/"):
-        return familiar(name)
-    if "@" in name:
-        return familiar(name)
-    return familiar(name + ":latest")
-
-
-@attrs.define
-class _Round:
-    updates: list[Update]
-    patterns: set[str]
-    #: The requests the round serves, by pattern: put back as a whole if the engine goes away.
-    batch: dict[str, list[Update]] = attrs.field(factory=dict)
-    #: Every local tag, including those that no pattern of the round matches.
-    local: frozenset[str] = frozenset()
-    tags: frozenset[str] = frozenset()
-    waiting: set[str] = attrs.field(factory=set)
-
-    def absorbs(self, pattern: str) -> bool:
-        """True when every local tag the pattern matches still waits for its pull in this
-        round."""
-        wanted = {t for t in self.local if matches(pattern, t)}
-        return bool(wanted) and wanted <= self.waiting
-
-    def join(self, update: Update) -> None:
-        self.updates.append(update)
-        self.patterns.add(update.pattern)
-        self.batch.setdefault(update.pattern, []).append(update)
-
-
 class Reconciler:
+    """The update rounds of one host, over its Docker ``engine``; every timer runs on
+    ``reactor``. ``observers`` get each round's :class:`RoundReport`."""
+
     def __init__(
         self,
         reactor: IReactorTime,
@@ -139,9 +75,14 @@ class Reconciler:
         self.observers = list(observers)
         self.retry_delay = retry_delay
         self.retry_max = retry_max
+        self._retry_policy = backoff(retry_delay, retry_max)
         self._pending: dict[str, list[Update]] = {}
-        self._round: _Round | None = None
-        self._running = False
+        self._rounds: list[Round] = []
+        self._listing: Round | None = None
+        #: The tags being handled by a round (pulled, then their containers replaced).
+        self._handled: set[str] = set()
+        #: Held around each container's replacement: one at a time on the host.
+        self._replacing = DeferredLock()
         self._retry: IDelayedCall | None = None
         self._failures = 0
         self._idle: list[Deferred[None]] = []
@@ -153,13 +94,14 @@ class Reconciler:
     # -- requests ---------------------------------------------------------------------------
 
     def request(self, update: Update) -> None:
-        """Take one update; the round that serves it runs as soon as the previous one ends."""
+        """Take one update; the round that serves it runs as soon as the tags it wants are not
+        being handled by another round."""
         pattern = update.pattern
-        current = self._round
-        if current is not None and current.absorbs(pattern):
-            log.info("update {update} joins the running round", update=update.describe())
-            current.join(update)
-            return
+        for current in self._rounds:
+            if current.absorbs(pattern):
+                log.info("update {update} joins the running round", update=update.describe())
+                current.join(update)
+                return
         queued = self._pending.setdefault(pattern, [])
         if len(queued) < MAX_QUEUED_PER_PATTERN:
             queued.append(update)
@@ -172,7 +114,7 @@ class Reconciler:
 
     @property
     def busy(self) -> bool:
-        return self._running or bool(self._pending)
+        return bool(self._rounds) or bool(self._pending)
 
     def wait_idle(self) -> Deferred[None]:
         """Fires once no round runs and none is pending (retries waiting count as pending)."""
@@ -191,19 +133,47 @@ class Reconciler:
         self._retry = None
 
     def _kick(self) -> None:
-        if self._running or not self._pending or self._stopped:
+        """Start a round for the pending requests whose tags are free."""
+        if self._stopped or not self._pending:
             return
         if self._retry is not None and self._retry.active():
             return
-        self._running = True
-        d = Deferred.fromCoroutine(self._work())
-        d.addErrback(self._crashed)
+        ready = {p: us for p, us in self._pending.items() if not self._handling(p)}
+        if not ready:
+            return
+        for pattern in ready:
+            del self._pending[pattern]
+        listing = self._listing
+        if listing is not None:
+            for updates in ready.values():
+                for update in updates:
+                    listing.join(update)
+            return
+        state = Round(
+            updates=[u for us in ready.values() for u in us],
+            patterns=set(ready),
+            batch=ready,
+            started=self.reactor.seconds(),
+        )
+        self._rounds.append(state)
+        Deferred.fromCoroutine(self._run(state)).addErrback(self._crashed, state)
 
-    def _crashed(self, failure: Failure) -> None:
-        # _work catches every expected error; reaching here is a bug, which must not end
+    def _handling(self, pattern: str) -> bool:
+        """Whether a tag the pattern matches is being handled by a round."""
+        return any(matches(pattern, tag) for tag in self._handled)
+
+    def _crashed(self, failure: Failure, state: Round) -> None:
+        # _run catches every expected error; reaching here is a bug, which must not end
         # the daemon either.
         log.failure("update loop failed unexpectedly", failure)
-        self._running = False
+        self._ended(state)
+
+    def _ended(self, state: Round) -> None:
+        if self._listing is state:
+            self._listing = None
+        if state in self._rounds:
+            self._rounds.remove(state)
+        self._kick()
         self._notify_idle()
 
     def _notify_idle(self) -> None:
@@ -213,23 +183,6 @@ class Reconciler:
         for d in waiting:
             d.callback(None)
 
-    async def _work(self) -> None:
-        while self._pending and not self._stopped:
-            batch, self._pending = self._pending, {}
-            try:
-                await self._run(batch)
-            except DockerError as e:
-                # The engine is away or failed to list what the round needs: keep the
-                # requests and try again later (pull and stop errors never get here).
-                self._requeue(batch, e)
-                break
-            except Exception:
-                log.failure("update round for {patterns} failed", patterns=sorted(batch))
-            else:
-                self._failures = 0
-        self._running = False
-        self._notify_idle()
-
     def _requeue(self, batch: dict[str, list[Update]], error: DockerError) -> None:
         for pattern, updates in batch.items():
             self._pending.setdefault(pattern, [])[:0] = updates
@@ -237,8 +190,10 @@ class Reconciler:
             log.info("stopping with {patterns} not deployed ({error})",
                      patterns=sorted(self._pending), error=str(error))
             return
+        if self._retry is not None and self._retry.active():
+            return  # another round saw the engine go away: one retry serves both
         self._failures += 1
-        delay = min(self.retry_max, self.retry_delay * 2 ** (self._failures - 1))
+        delay = self._retry_policy(self._failures - 1)
         log.warn(
             "Docker engine error ({error}); retrying {patterns} in {delay:.1f} s",
             error=str(error),
@@ -254,105 +209,158 @@ class Reconciler:
 
     # -- one round ----------------------------------------------------------------------------
 
-    async def _run(self, batch: dict[str, list[Update]]) -> RoundReport:
-        started = self.reactor.seconds()
-        state = _Round(
-            updates=[u for us in batch.values() for u in us], patterns=set(batch), batch=batch
-        )
-        log.info("update round for {patterns}", patterns=sorted(batch))
-        images = await self.engine.images()
-        running = await self.engine.containers()
-        runs_on = await self._container_tags(running)
+    async def _run(self, state: Round) -> None:
+        log.info("update round for {patterns}", patterns=sorted(state.patterns))
+        self._listing = state
+        try:
+            images = await self.engine.images()
+            running = await self.engine.containers()
+            runs_on = await self._container_tags(running)
+        except DockerError as e:
+            # The engine is away or failed to list what the round needs: keep the requests
+            # and try again later.
+            self._listing = None
+            self._requeue(state.batch, e)
+            self._ended(state)
+            return
+        except Exception:
+            log.failure("update round for {patterns} failed", patterns=sorted(state.patterns))
+            self._ended(state)
+            return
+        self._listing = None
+        state.listing = False
         local_tags = {t for image in images for t in image.repo_tags}
         candidates = local_tags | set(runs_on.values())
         targets = sorted(t for t in candidates if any(matches(p, t) for p in state.patterns))
         state.local = frozenset(familiar(t) for t in candidates)
-        state.tags = frozenset(familiar(t) for t in targets)
-        state.waiting = set(state.tags)
+        state.waiting = {familiar(t) for t in targets}
+        state.remaining = len(targets)
+        containers: dict[str, list[Container]] = {}
+        for container in running:
+            tag = runs_on.get(container.id)
+            if tag is not None:
+                containers.setdefault(tag, []).append(container)
+        await DeferredList([
+            Deferred.fromCoroutine(self._deploy(state, t, containers.get(familiar(t), [])))
+            for t in targets
+        ])
+        self._finished(state)
 
-        self._round = state
-        pulled: dict[str, float] = {}
-        failed: dict[str, str] = {}
-        try:
-            results = await DeferredList(
-                [self.semaphore.run(self._pull, tag, state) for tag in targets],
-                consumeErrors=True,
-            )
-        finally:
-            self._round = None
-        for tag, (ok, result) in zip(targets, results, strict=True):
-            if ok:
-                pulled[familiar(tag)] = float(result)
-                continue
-            failure: Failure = result  # type: ignore[assignment]
-            failed[familiar(tag)] = _message(failure)
-            if failure.check(DockerUnavailable):
-                # The engine went away mid-round: nothing is stopped; the round reruns.
-                failure.raiseException()
-
-        errors: list[str] = []
-        stopped: list[Stopped] = []
-        now: dict[str, str] = {}
-        if pulled:
-            after = await self.engine.images()
-            now = {familiar(t): image.id for image in after for t in image.repo_tags}
-            for container in running:
-                wanted = runs_on.get(container.id)
-                if wanted is None or wanted not in pulled:
-                    continue
-                new = now.get(wanted, "")
-                if not new or new == container.image_id:
-                    continue
+    def _finished(self, state: Round) -> None:
+        error = state.unavailable
+        if error is not None:
+            # The engine went away mid-round: the round runs again once it is back.
+            self._requeue(state.batch, error)
+            state.errors.append(f"Docker engine unavailable: {error}; the round is retried")
+        else:
+            self._failures = 0
+        if error is None or state.stopped:
+            report = state.report(self.reactor.seconds())
+            for observer in self.observers:
                 try:
-                    await self.engine.stop(container.id, self.kill_timeout)
-                except ContainerNotFound:
-                    log.info("container {name} was gone before it could be stopped",
-                             name=container.name)
-                    continue
-                except DockerUnavailable:
-                    raise
-                except DockerError as e:
-                    errors.append(f"stop {container.name}: {e}")
-                    log.error("cannot stop {name}: {error}", name=container.name, error=str(e))
-                    continue
-                log.info(
-                    "stopped {name} ({old:.19}) so that it restarts on {tag} ({new:.19})",
-                    name=container.name, old=container.image_id, tag=wanted, new=new,
-                )
-                stopped.append(
-                    Stopped(container.name, container.id, wanted, container.image_id, new)
-                )
+                    observer(report)
+                except Exception:
+                    log.failure("round observer {observer!r} failed", observer=observer)
+        self._ended(state)
 
-        report = RoundReport(
-            patterns=tuple(sorted(state.patterns)),
-            updates=tuple(state.updates),
-            pulled={t: now.get(t, "") for t in pulled},
-            failed=failed,
-            pull_seconds=pulled,
-            stopped=tuple(stopped),
-            errors=tuple(errors),
-            started=started,
-            finished=self.reactor.seconds(),
-        )
-        for observer in self.observers:
-            try:
-                observer(report)
-            except Exception:
-                log.failure("round observer {observer!r} failed", observer=observer)
-        return report
+    async def _deploy(self, state: Round, tag: str, containers: Sequence[Container]) -> None:
+        """Handle one tag of a round: pull it, then replace its stale containers. Never raises:
+        what happened goes into ``state``.
 
-    async def _pull(self, tag: str, state: _Round) -> float:
-        state.waiting.discard(familiar(tag))
-        started = time.monotonic()
+        No other round handles the tag meanwhile: a round starts (or is joined) only by
+        requests whose tags are free, and only one round reads the engine's lists at a time.
+        """
+        key = familiar(tag)
+        self._handled.add(key)
         try:
-            await self.engine.pull(tag)
+            new_image = await self._pull(state, tag)
+            if new_image:
+                await self._replace_stale(state, key, containers, new_image)
+        except DockerUnavailable as e:
+            state.unavailable = e
+        except Exception:
+            log.failure("deploying {tag} failed unexpectedly", tag=key)
+            state.errors.append(f"{key}: unexpected error")
+        finally:
+            self._handled.discard(key)
+            state.remaining -= 1
+            if state.remaining:
+                self._kick()  # requests that waited for this tag need not wait for the round
+
+    async def _pull(self, state: Round, tag: str) -> str:
+        """Pull ``tag`` (at most ``max_pulls`` at once on the host) and return the image id it
+        now points at; "" when the pull failed or the engine does not have it."""
+        key = familiar(tag)
+        try:
+            seconds = await self.semaphore.run(self._pull_one, state, tag)
         except DockerUnavailable:
             raise
         except DockerError as e:
             log.error("pull of {tag} failed: {error}; its containers are left running",
                       tag=tag, error=str(e))
+            state.failed[key] = str(e)
+            if isinstance(e, PullStalled):
+                state.stalled.append(key)
+            return ""
+        state.pull_seconds[key] = seconds
+        try:
+            image = await self.engine.inspect_image(tag)
+        except ImageNotFound:
+            log.warn("{tag} was pulled but the engine does not have it", tag=tag)
+            return ""
+        except DockerUnavailable:
             raise
-        return time.monotonic() - started
+        except DockerError as e:
+            state.errors.append(f"inspect {key}: {e}")
+            log.error("cannot inspect {tag}: {error}", tag=tag, error=str(e))
+            return ""
+        state.images[key] = image.id
+        return image.id
+
+    async def _pull_one(self, state: Round, tag: str) -> float:
+        state.waiting.discard(familiar(tag))
+        started = self.reactor.seconds()
+        await self.engine.pull(tag)
+        return max(0.0, self.reactor.seconds() - started)
+
+    async def _replace_stale(
+        self, state: Round, tag: str, containers: Sequence[Container], new_image: str
+    ) -> None:
+        for container in containers:
+            if container.image_id == new_image:
+                continue
+            try:
+                stopped = await self._replacing.run(
+                    self._replace_container, container, tag, new_image
+                )
+            except DockerUnavailable:
+                raise
+            except DockerError as e:
+                state.errors.append(f"stop {container.name}: {e}")
+                log.error("cannot stop {name}: {error}", name=container.name, error=str(e))
+                continue
+            if stopped is not None:
+                state.stopped.append(stopped)
+
+    async def _replace_container(
+        self, container: Container, tag: str, new_image: str
+    ) -> Stopped | None:
+        """Replace one container that runs an older image of ``tag``: stop it, so that its
+        supervisor starts it again on ``new_image``. None when it was gone already.
+
+        The one step that takes a container down; the host runs one at a time.
+        """
+        try:
+            await self.engine.stop(container.id, self.kill_timeout)
+        except ContainerNotFound:
+            log.info("container {name} was gone before it could be stopped",
+                     name=container.name)
+            return None
+        log.info(
+            "stopped {name} ({old:.19}) so that it restarts on {tag} ({new:.19})",
+            name=container.name, old=container.image_id, tag=tag, new=new_image,
+        )
+        return Stopped(container.name, container.id, tag, container.image_id, new_image)
 
     async def _container_tags(self, running: Sequence[Container]) -> dict[str, str]:
         """The ``repo:tag`` each running container was started from.
@@ -383,6 +391,4 @@ class Reconciler:
         return tags
 
 
-def _message(failure: Failure) -> str:
-    value = failure.value
-    return str(value) if value is not None else repr(failure)
+__all__ = ["MAX_QUEUED_PER_PATTERN", "Engine", "Reconciler", "RoundReport", "Stopped"]

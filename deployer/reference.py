@@ -58,11 +58,30 @@ class Reference:
         return out
 
 
+def split(text: str) -> tuple[str, str | None, str | None]:
+    """``[host/]path[:tag][@digest]`` cut into ``(name, tag, digest)``, nothing checked: the one
+    place that knows where a tag and a digest start. A colon is a tag's only after the last
+    ``/`` (``host:5000/path`` has a port, not a tag); tag and digest are None when absent."""
+    rest, at, digest = text.partition("@")
+    slash, colon = rest.rfind("/"), rest.rfind(":")
+    name, tag = (rest[:colon], rest[colon + 1:]) if colon > slash else (rest, None)
+    return name, tag, digest if at else None
+
+
 def _split_host(name: str) -> tuple[str | None, str]:
     first, sep, rest = name.partition("/")
     if sep and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         return first, rest
     return None, name
+
+
+def _familiar_name(host: str | None, path: str) -> tuple[str | None, str]:
+    """Docker Hub's long forms (``docker.io/library/busybox``) in their familiar form."""
+    if host in DOCKER_HUB_HOSTS:
+        host = None
+    if host is None and path.startswith("library/") and path.count("/") == 1:
+        path = path[len("library/"):]
+    return host, path
 
 
 def parse_name(name: str) -> tuple[str | None, str]:
@@ -79,11 +98,7 @@ def parse_name(name: str) -> tuple[str | None, str]:
             f"invalid repository name {name!r}: path components must be lower-case letters and"
             " digits, separated by '.', '_', '__' or dashes"
         )
-    if host in DOCKER_HUB_HOSTS:
-        host = None
-    if host is None and path.startswith("library/") and path.count("/") == 1:
-        path = path[len("library/"):]
-    return host, path
+    return _familiar_name(host, path)
 
 
 def check_tag(tag: str) -> str:
@@ -103,13 +118,8 @@ def check_digest(digest: str) -> str:
 
 def parse_reference(text: str) -> Reference:
     """Parse ``[host/]path[:tag][@digest]``."""
-    rest, _, digest = text.partition("@")
-    tag = None
-    slash = rest.rfind("/")
-    colon = rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1:]
-    host, path = parse_name(rest)
+    name, tag, digest = split(text)
+    host, path = parse_name(name)
     return Reference(
         host=host,
         path=path,
@@ -120,17 +130,17 @@ def parse_reference(text: str) -> Reference:
 
 def familiar(repotag: str) -> str:
     """A local ``repo:tag`` in the familiar form that patterns are written in."""
-    rest, _, digest = repotag.partition("@")
-    slash = rest.rfind("/")
-    colon = rest.rfind(":")
-    name, tag = (rest[:colon], rest[colon:]) if colon > slash else (rest, "")
-    host, path = _split_host(name)
-    if host in DOCKER_HUB_HOSTS:
-        host = None
-        if path.startswith("library/") and path.count("/") == 1:
-            path = path[len("library/"):]
+    name, tag, digest = split(repotag)
+    host, path = _familiar_name(*_split_host(name))
     name = f"{host}/{path}" if host else path
-    return name + tag + (("@" + digest) if digest else "")
+    return name + (f":{tag}" if tag is not None else "") + (f"@{digest}" if digest else "")
+
+
+def with_tag(name: str) -> str:
+    """An image name as a familiar ``repo:tag``: ``latest`` when it names neither a tag nor a
+    digest (what ``docker run NAME`` means)."""
+    _, tag, digest = split(name)
+    return familiar(name if tag is not None or digest is not None else f"{name}:latest")
 
 
 def matches(pattern: str, repotag: str) -> bool:
@@ -142,8 +152,8 @@ def matches(pattern: str, repotag: str) -> bool:
         return True
     pattern = familiar(pattern)
     repotag = familiar(repotag)
-    slash = pattern.rfind("/")
-    if pattern.rfind(":") > slash:
+    _, tag, digest = split(pattern)
+    if tag is not None or digest is not None:
         return repotag == pattern
     return repotag.startswith(pattern + ":")
 

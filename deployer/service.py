@@ -114,8 +114,11 @@ def count_round(metrics: Metrics, report: RoundReport) -> None:
     for seconds in report.pull_seconds.values():
         metrics.pulls.labels(result="ok").inc()
         metrics.pull_duration.observe(seconds)
-    if report.failed:
-        metrics.pulls.labels(result="error").inc(len(report.failed))
+    errors = len(report.failed) - len(report.stalled)
+    if errors:
+        metrics.pulls.labels(result="error").inc(errors)
+    if report.stalled:
+        metrics.pulls.labels(result="stalled").inc(len(report.stalled))
     metrics.containers_stopped.inc(len(report.stopped))
     metrics.rounds.labels(result="ok" if report.ok else "error").inc()
 

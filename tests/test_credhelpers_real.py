@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import stat
 import time
@@ -19,7 +18,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from deployer.credhelpers import NOT_FOUND, RegistryCredentials
 from deployer.docker import DockerClient
-from deployer.dockercfg import RegistryAuth, load_credentials
+from deployer.dockercfg import load_credentials
 from deployer.errors import PullFailed
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport
@@ -87,34 +86,10 @@ def home(tmp_path: Path, auth_registry: AuthRegistry) -> Home:
     return Home(tmp_path, auth_registry)
 
 
-#: docker.py as of this test asks ``credentials.for_image`` synchronously; where it does, the
-#: client below asks the resolver first, as docker.py will (``await ...for_image(repotag)``).
-_DOCKER_ASKS_SYNCHRONOUSLY = (
-    "auth = self.credentials.for_image(repotag)" in inspect.getsource(DockerClient.pull)
-)
-
-
-class _Answer:
-    def __init__(self, auth: RegistryAuth | None) -> None:
-        self.auth = auth
-
-    def for_image(self, repotag: str) -> RegistryAuth | None:
-        return self.auth
-
-
-class _AwaitingClient(DockerClient):
-    async def pull(self, repotag: str, timeout: float = 3600.0) -> None:
-        resolver = self.resolver
-        self.credentials = _Answer(await resolver.for_image(repotag))  # type: ignore[assignment]
-        await super().pull(repotag, timeout)
 
 
 def client(dockerd: Dockerd, resolver: RegistryCredentials) -> DockerClient:
-    if not _DOCKER_ASKS_SYNCHRONOUSLY:
-        return DockerClient.from_url(reactor, dockerd.url, resolver)  # type: ignore[arg-type]
-    c = _AwaitingClient.from_url(reactor, dockerd.url)
-    c.resolver = resolver  # type: ignore[attr-defined]
-    return c
+    return DockerClient.from_url(reactor, dockerd.url, resolver)
 
 
 async def pull(dockerd: Dockerd, ref: str, resolver: RegistryCredentials) -> None:

@@ -23,6 +23,7 @@ from deployer.errors import (
     ImageNotFound,
     PullFailed,
 )
+from deployer.reference import parse_reference
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
 from tests.stack.docker_stack import (
     Dockerd,
@@ -145,8 +146,9 @@ class RealEngine:
 
     def publish_broken(self, repotag: str, version: str) -> None:
         self.builder.publish(repotag, version)
-        name, _, tag = repotag.rpartition(":")
-        self.registry.break_layers(name.split("/", 1)[1], tag)
+        ref = parse_reference(repotag)
+        assert ref.tag is not None
+        self.registry.break_layers(ref.path, ref.tag)
 
     def local_image_id(self, repotag: str) -> str | None:
         return self.dockerd.image_id(repotag)

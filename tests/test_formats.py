@@ -27,16 +27,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from deployer.auth import TokenAuth
-from deployer.errors import BadWebhook
-from deployer.formats import (
+from deployer.bodies import (
     JSON_CONTENT_TYPES,
-    MANIFEST_MEDIA_TYPES,
     MAX_DEPTH,
     REGISTRY_CONTENT_TYPES,
-    DockerHubHook,
-    SeenEvents,
     check_content_type,
     decode_json,
+)
+from deployer.errors import BadWebhook
+from deployer.formats import (
+    MANIFEST_MEDIA_TYPES,
+    DockerHubHook,
+    SeenEvents,
     parse_dockerhub,
     parse_generic,
     parse_github,
@@ -895,22 +897,6 @@ def test_seen_events_bounded_least_recent_dropped() -> None:
     assert seen.first_time("b")
 
 
-def test_seen_events_forget() -> None:
-    seen = SeenEvents()
-    seen.first_time("a")
-    seen.forget("a")
-    seen.forget("never")
-    assert seen.first_time("a")
-
-
-def test_seen_events_fresh() -> None:
-    seen = SeenEvents()
-    a = Update(repository="x", source="registry", received=NOW, event_id="a")
-    anonymous = Update(repository="y", source="api", received=NOW)
-    assert seen.fresh([a, anonymous]) == [a, anonymous]
-    assert seen.fresh([a, anonymous, a]) == [anonymous]
-
-
 def test_seen_events_capacity_checked() -> None:
     with pytest.raises(ValueError):
         SeenEvents(capacity=0)
@@ -974,7 +960,8 @@ class HookReceiver(Resource):
             return e.reason.encode()
         finally:
             self._wake()
-        fresh = self.seen.fresh(delivery["updates"])
+        fresh = [u for u in delivery["updates"]
+                 if u.event_id is None or self.seen.first_time(u.event_id)]
         delivery["fresh"] = fresh
         self.acted_on.extend(fresh)
         self._wake()

@@ -17,7 +17,14 @@ from deployer.docker import DockerClient
 from deployer.errors import DockerError, PullFailed
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
 from tests.helpers import fired
-from tests.stack.docker_stack import Dockerd, ImageBuilder, Registry, run_container, unique
+from tests.stack.docker_stack import (
+    Dockerd,
+    HangingRegistry,
+    ImageBuilder,
+    Registry,
+    run_container,
+    unique,
+)
 
 REPO = "registry.test:5000/myorg/foo"
 
@@ -488,3 +495,30 @@ def test_same_answers_as_the_real_engine(
         assert got == want, step
     stopped = next(c for c in json.loads(real["all containers"][1]) if c["Names"] == ["/" + name])
     assert stopped["Status"].startswith("Exited (0)")
+
+
+@pytest.mark.real
+def test_a_hanging_registry_leaves_a_pull_without_an_answer(
+    clean_dockerd: Dockerd, hanging_registry: HangingRegistry
+) -> None:
+    """What ``slow_pull(answer=False)`` plays: a real engine pulling from a registry that
+    hangs on the manifest request sends not even the response headers; a client that gives up
+    is forgotten."""
+    ref = f"{hanging_registry.host}/{unique('hung')}"
+    with pytest.raises(TimeoutError):
+        clean_dockerd.api("POST", f"/v1.41/images/create?fromImage={ref}&tag=qa", timeout=3)
+    assert hanging_registry.asked.wait(10)
+
+    memory = MemoryDocker()
+    memory.publish(f"{REPO}:qa")
+    memory.slow_pull(f"{REPO}:qa", answer=False)
+    url = f"http://docker/v1.41/images/create?fromImage={REPO}&tag=qa"
+    answer = memory.agent().request(b"POST", url.encode())
+    results: list[object] = []
+    answer.addBoth(results.append)
+    memory.flush()
+    assert results == []
+    answer.cancel()
+    memory.flush()
+    assert len(results) == 1
+    assert memory.pulls_abandoned == [f"{REPO}:qa"] and memory.pulls_in_progress == 0

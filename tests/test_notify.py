@@ -30,6 +30,7 @@ from deployer.notify import (
     redact_url,
     slack_text,
 )
+from tests.helpers import fired
 
 HUB_URL = "https://registry.hub.docker.com/u/svendowideit/testhook/hook/2141b5bi5i5b02bec/"
 SLACK_URL = "https://hooks.slack.com/services/T000/B000/XXXXSECRETXXXX"
@@ -87,13 +88,6 @@ class Recorder(Resource):
 
 def logged(events: list[Any]) -> str:
     return "\n".join(eventAsText(e, includeTraceback=True) for e in events)
-
-
-def fired(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
 
 
 # -- URLs -----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 
 from deployer.backoff import backoff
-from deployer.docker import DockerClient, engine_agent, engine_pool
+from deployer.docker import DockerClient
+from deployer.engine_address import engine_agent, engine_pool
 from deployer.errors import ContainerNotFound, ImageNotFound
 from deployer.events import EngineEvents
 from deployer.readiness import NotReady, NotReadyReason, Ready, ReadyRules, wait_ready

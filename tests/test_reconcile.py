@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
-from deployer.docker import DockerClient, looks_like_id
+from deployer.docker import Container, DockerClient, Image, looks_like_id
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport, Stopped
 from deployer.reference import parse_reference
@@ -28,6 +28,7 @@ from tests.helpers import fired
 REG = "registry.test:5000"
 FOO = f"{REG}/myorg/foo"
 BAR = f"{REG}/myorg/bar"
+BAZ = f"{REG}/myorg/baz"
 KILL_TIMEOUT = 7
 
 PULL = "/images/create"
@@ -39,10 +40,11 @@ class Host:
     """One host: the in-memory engine, the real client over it, a Clock as the reactor, and
     the report of every round."""
 
-    def __init__(self) -> None:
+    def __init__(self, pull_stall_timeout: float = 120.0) -> None:
         self.clock = Clock()
         self.mem = MemoryDocker()
-        self.client = DockerClient(self.clock, self.mem.agent(), base="http://docker")
+        self.client = DockerClient(self.clock, self.mem.agent(), base="http://docker",
+                                   pull_stall_timeout=pull_stall_timeout)
         self.reports: list[RoundReport] = []
         self.names: dict[str, str] = {}
         self._events = itertools.count(1)
@@ -91,6 +93,57 @@ class Host:
     def calls_since(self, start: int) -> list[tuple[str, str]]:
         """Engine calls from index ``start``, without the API version prefix."""
         return [(m, p.removeprefix("/v1.41")) for m, p in self.mem.calls[start:]]
+
+
+class Held:
+    """The engine of a :class:`Host` as a round sees it, with each stop (and, on demand, the
+    next image list) held until the test lets it go."""
+
+    def __init__(self, host: Host, hold_stops: bool = True) -> None:
+        self.host = host
+        self.client = host.client
+        self.hold_stops = hold_stops
+        self._stops: list[tuple[str, Deferred[None]]] = []
+        self._listing: Deferred[None] | None = None
+
+    @property
+    def stopping(self) -> list[str]:
+        """The names of the containers whose stop is held."""
+        return [self.host.names[cid] for cid, _ in self._stops]
+
+    def finish(self) -> None:
+        """Let the first held stop happen."""
+        _, d = self._stops.pop(0)
+        d.callback(None)
+
+    def hold_listing(self) -> Deferred[None]:
+        self._listing = Deferred()
+        return self._listing
+
+    async def images(self) -> list[Image]:
+        if self._listing is not None:
+            held, self._listing = self._listing, None
+            await held
+        return await self.client.images()
+
+    async def containers(self) -> list[Container]:
+        return await self.client.containers()
+
+    async def inspect_container(self, container_id: str) -> dict[str, Any]:
+        return await self.client.inspect_container(container_id)
+
+    async def inspect_image(self, name: str) -> Image:
+        return await self.client.inspect_image(name)
+
+    async def pull(self, repotag: str) -> None:
+        await self.client.pull(repotag)
+
+    async def stop(self, container_id: str, timeout: int) -> None:
+        if self.hold_stops:
+            held: Deferred[None] = Deferred()
+            self._stops.append((container_id, held))
+            await held
+        await self.client.stop(container_id, timeout)
 
 
 @pytest.fixture
@@ -412,6 +465,8 @@ def test_at_most_max_pulls_run_at_once_and_all_complete(host: Host) -> None:
     assert sorted(report.pulled) == tags
     assert len(report.stopped) == 5
     assert report.finished - report.started == 3
+    # measured on the reconciler's clock: the first two pulls were held for 3 s
+    assert sorted(report.pull_seconds.values()) == [0, 0, 0, 3, 3]
 
 
 # -- 5. coalescing ----------------------------------------------------------------------------
@@ -527,8 +582,11 @@ def test_no_request_is_lost(host: Host) -> None:
     sent.append(host.update(f"{BAR}:x"))
     r.request(sent[-1])
 
-    assert len(host.reports) == 3
     assert all_updates(host.reports) == Counter(sent)  # each one exactly once
+    # the requests that came while foo:a was held cost one more pull of each foo tag
+    assert {t: n for t, n in Counter(host.pulled()).items() if t.startswith(f"{FOO}:")} == {
+        f"{FOO}:a": 2, f"{FOO}:b": 2, f"{FOO}:c": 2
+    }
 
 
 def test_requests_that_joined_a_round_are_kept_when_the_engine_goes_away(host: Host) -> None:
@@ -552,10 +610,10 @@ def test_requests_that_joined_a_round_are_kept_when_the_engine_goes_away(host: H
     assert set(host.reports[0].pulled) == {f"{FOO}:a", f"{FOO}:b"}
 
 
-# -- 6. one round at a time --------------------------------------------------------------------
+# -- 6. a slow or hung pull holds up only its own tag ---------------------------------------------
 
 
-def test_rounds_never_overlap(host: Host) -> None:
+def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
     host.stale(f"{FOO}:qa", "foo")
     host.stale(f"{BAR}:qa", "bar")
     release: Deferred[None] = Deferred()
@@ -564,27 +622,148 @@ def test_rounds_never_overlap(host: Host) -> None:
     r.request(host.update(f"{FOO}:qa"))
     start = len(host.mem.calls)
 
-    r.request(host.update(f"{BAR}:qa"))
-    r.request(host.update(f"{FOO}:qa"))
-    assert host.calls_since(start) == []  # nothing starts while the round is held
-
-    release.callback(None)
-
-    foo, bar = (host.mem.find_container(n) for n in ("foo", "bar"))
-    assert foo is not None and bar is not None
+    r.request(host.update(f"{BAR}:qa"))  # another repository: served at once
+    bar = host.mem.find_container("bar")
+    assert bar is not None and not bar.running
     assert host.calls_since(start) == [
-        # the end of the first round
-        ("GET", "/images/json"),
-        ("POST", f"/containers/{foo.id}/stop"),
-        # the second, for both requests that came during the first
         ("GET", "/images/json"),
         ("GET", "/containers/json"),
         ("POST", PULL),
-        ("POST", PULL),
-        ("GET", "/images/json"),
+        ("GET", f"/images/{BAR}:qa/json"),
         ("POST", f"/containers/{bar.id}/stop"),
     ]
+    assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa",)]
+
+    start = len(host.mem.calls)
+    again = host.update(FOO)
+    r.request(again)  # wants foo:qa, which is being pulled: waits for that pull
+    assert host.calls_since(start) == []
+
+    release.callback(None)
+
+    foo = host.mem.find_container("foo")
+    assert foo is not None and not foo.running
+    assert host.calls_since(start) == [
+        # the end of the first round for foo:qa
+        ("GET", f"/images/{FOO}:qa/json"),
+        ("POST", f"/containers/{foo.id}/stop"),
+        # the round for the request that waited: one more pull (the push may be newer)
+        ("GET", "/images/json"),
+        ("GET", "/containers/json"),
+        ("POST", PULL),
+        ("GET", f"/images/{FOO}:qa/json"),
+    ]
+    assert [rep.patterns for rep in host.reports] == [
+        (f"{BAR}:qa",), (f"{FOO}:qa",), (FOO,)
+    ]
+    fired(r.wait_idle())
+
+
+def test_a_tag_whose_pull_finished_is_replaced_while_its_round_still_pulls(host: Host) -> None:
+    slow, _, _ = host.stale(f"{FOO}:slow", "slow")
+    quick, _, quick_new = host.stale(f"{FOO}:quick", "quick")
+    release: Deferred[None] = Deferred()
+    host.mem.slow_pull(f"{FOO}:slow", release)
+    r = host.reconciler()
+
+    r.request(host.update(FOO))
+
+    assert not host.running(quick) and host.running(slow)
+    assert host.reports == []  # the round reports once every tag is done
+    release.callback(None)
+    [report] = host.reports
+    assert [s.name for s in report.stopped] == ["quick", "slow"]
+    assert report.pulled[f"{FOO}:quick"] == quick_new
+    assert not host.running(slow)
+
+
+def test_a_hung_pull_fails_after_the_stall_timeout_while_other_repositories_deploy() -> None:
+    """The registry of foo hangs on the manifest: the engine does not even answer. bar's
+    requests, before and after, are served at once; foo's pull fails after the stall timeout,
+    and nothing of foo is stopped."""
+    host = Host(pull_stall_timeout=120)
+    hung, hung_image, _ = host.stale(f"{FOO}:qa", "foo")
+    bar, _, _ = host.stale(f"{BAR}:qa", "bar")
+    host.mem.slow_pull(f"{FOO}:qa", answer=False)  # never released
+    r = host.reconciler(max_pulls=2)
+
+    r.request(host.update(f"{FOO}:qa"))
+    host.clock.advance(1)
+    r.request(host.update(f"{BAR}:qa"))
+    assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa",)]
+    assert not host.running(bar)
+    # a minute later, another push of bar: served at once too
+    host.clock.advance(60)
+    replacement = host.run("bar-2", f"{BAR}:qa")
+    new_bar = host.mem.publish(f"{BAR}:qa")
+    r.request(host.update(f"{BAR}:qa"))
     assert len(host.reports) == 2
+    assert host.reports[-1].pulled == {f"{BAR}:qa": new_bar}
+    assert not host.running(replacement)
+
+    host.clock.advance(58.9)
+    assert len(host.reports) == 2 and host.running(hung)
+    host.clock.advance(0.1)  # 120 s after the pull started
+
+    report = host.reports[-1]
+    assert report.patterns == (f"{FOO}:qa",)
+    assert set(report.failed) == {f"{FOO}:qa"}
+    assert "no progress from registry registry.test:5000 for 120 s" in report.failed[f"{FOO}:qa"]
+    assert report.stalled == (f"{FOO}:qa",)
+    assert report.stopped == () and report.pulled == {}
+    assert host.running(hung) and host.mem.image_id(f"{FOO}:qa") == hung_image
+    host.mem.flush()
+    assert host.mem.pulls_abandoned == [f"{FOO}:qa"]
+    fired(r.wait_idle())
+
+
+def test_stops_are_one_at_a_time_on_the_host() -> None:
+    """Two rounds side by side: the second round's stop waits for the first's."""
+    host = Host()
+    host.stale(f"{FOO}:qa", "foo")
+    host.stale(f"{BAR}:qa", "bar")
+    engine = Held(host)
+    r = Reconciler(host.clock, engine, kill_timeout=KILL_TIMEOUT, observers=[host.reports.append])
+
+    r.request(host.update(f"{FOO}:qa"))
+    r.request(host.update(f"{BAR}:qa"))
+
+    assert engine.stopping == ["foo"]  # bar's round has pulled, and waits for the host's turn
+    assert host.pulled() == [f"{FOO}:qa", f"{BAR}:qa"]
+    engine.finish()
+    assert engine.stopping == ["bar"]
+    engine.finish()
+    assert engine.stopping == []
+    assert [[s.name for s in rep.stopped] for rep in host.reports] == [["foo"], ["bar"]]
+    fired(r.wait_idle())
+
+
+def test_requests_that_arrive_while_a_round_reads_the_engine_join_it() -> None:
+    host = Host()
+    for repo in (FOO, BAR, BAZ):
+        host.stale(f"{repo}:qa", repo.rpartition("/")[2])
+    release: Deferred[None] = Deferred()
+    host.mem.slow_pull(f"{FOO}:qa", release)
+    engine = Held(host, hold_stops=False)
+    r = Reconciler(host.clock, engine, kill_timeout=KILL_TIMEOUT, observers=[host.reports.append])
+    r.request(host.update(f"{FOO}:qa"))
+    start = len(host.mem.calls)
+
+    listing = engine.hold_listing()
+    r.request(host.update(f"{BAR}:qa"))  # starts a round, which waits for the image list
+    r.request(host.update(f"{BAZ}:qa"))  # joins it
+    r.request(host.update(FOO))  # wants foo:qa, which is being pulled: waits for that
+    listing.callback(None)
+
+    assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa", f"{BAZ}:qa")]
+    assert Counter(host.calls_since(start))[("GET", "/images/json")] == 1
+    assert sorted(s.name for s in host.reports[0].stopped) == ["bar", "baz"]
+    release.callback(None)
+    fired(r.wait_idle())
+    assert [rep.patterns for rep in host.reports] == [
+        (f"{BAR}:qa", f"{BAZ}:qa"), (f"{FOO}:qa",), (FOO,)
+    ]
+    assert Counter(host.pulled())[f"{FOO}:qa"] == 2
 
 
 # -- 7. engine down ----------------------------------------------------------------------------
@@ -626,6 +805,33 @@ def test_engine_down_retries_with_a_capped_backoff_until_it_is_back(host: Host) 
     [retry] = host.clock.getDelayedCalls()
     assert retry.getTime() - host.clock.seconds() == 1.0
     r.stop()
+
+
+def test_an_engine_that_goes_away_mid_round_keeps_the_requests_and_reports_the_stops(
+    host: Host,
+) -> None:
+    quick, _, _ = host.stale(f"{FOO}:quick", "quick")
+    slow, _, _ = host.stale(f"{FOO}:slow", "slow")
+    release: Deferred[None] = Deferred()
+    host.mem.slow_pull(f"{FOO}:slow", release)
+    r = host.reconciler(retry_delay=1.0)
+    u = host.update(FOO)
+    r.request(u)
+    assert not host.running(quick)  # replaced while foo:slow still pulls
+
+    host.mem.down = True
+    release.callback(None)  # foo:slow's pull ends; the engine is gone when it is inspected
+
+    [partial] = host.reports
+    assert [s.name for s in partial.stopped] == ["quick"]  # told, though the round is redone
+    assert not partial.ok and partial.errors[-1].endswith("the round is retried")
+    assert host.running(slow)
+    host.mem.down = False
+    host.clock.advance(1.0)
+    fired(r.wait_idle())
+    assert [rep.updates for rep in host.reports] == [(u,), (u,)]
+    assert [s.name for s in host.reports[-1].stopped] == ["slow"]
+    assert host.reports[-1].ok
 
 
 def test_stop_cancels_a_pending_retry(host: Host) -> None:
@@ -671,8 +877,8 @@ def test_engine_calls_per_round_do_not_grow_with_containers() -> None:
     many, many_stops = _round_calls(30)
 
     assert (few_stops, many_stops) == (3, 30)
-    assert few == many == {("GET", "/images/json"): 2, ("GET", "/containers/json"): 1,
-                           ("POST", PULL): 1}
+    assert few == many == {("GET", "/images/json"): 1, ("GET", "/containers/json"): 1,
+                           ("POST", PULL): 1, ("GET", f"/images/{FOO}:qa/json"): 1}
 
 
 # -- 9. observers ------------------------------------------------------------------------------

@@ -9,12 +9,21 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
-from deployer.docker import DockerClient, engine_agent, engine_pool
+from deployer.docker import DockerClient
+from deployer.engine_address import engine_agent, engine_pool
 from deployer.model import Update
 from deployer.reconcile import Reconciler, RoundReport
+from deployer.reference import parse_reference
 from deployer.testing.agents import CountingAgent
-from tests.stack.docker_stack import Dockerd, ImageBuilder, run_container, unique
+from tests.stack.docker_stack import (
+    Dockerd,
+    HangingRegistry,
+    ImageBuilder,
+    run_container,
+    unique,
+)
 
 pytestmark = pytest.mark.real
 
@@ -22,10 +31,11 @@ pytestmark = pytest.mark.real
 class Engine:
     """A real DockerClient whose requests are counted."""
 
-    def __init__(self, dockerd: Dockerd) -> None:
+    def __init__(self, dockerd: Dockerd, pull_stall_timeout: float = 120.0) -> None:
         self.pool = engine_pool(reactor)
         self.agent = CountingAgent(engine_agent(reactor, dockerd.url, self.pool))
-        self.client = DockerClient(reactor, self.agent, pool=self.pool)
+        self.client = DockerClient(reactor, self.agent, pool=self.pool,
+                                   pull_stall_timeout=pull_stall_timeout)
 
 
 @pytest_twisted.async_yield_fixture
@@ -40,11 +50,7 @@ def reconciler(engine: Engine, reports: list[RoundReport], **kw: Any) -> Reconci
 
 
 def update(pattern: str) -> Update:
-    name, _, tag = pattern.rpartition(":") if pattern.rfind(":") > pattern.rfind("/") else (
-        pattern, "", "")
-    host, _, repo = name.partition("/")
-    return Update(repository=repo, registry=host, tag=tag or None, source="test",
-                  received=reactor.seconds())
+    return Update.from_reference(parse_reference(pattern), "test", reactor.seconds())
 
 
 @pytest_twisted.ensureDeferred
@@ -164,8 +170,9 @@ async def _round_calls(engine: Engine, dockerd: Dockerd, builder: ImageBuilder,
     r.request(update(ref))
     await r.wait_idle()
     stops = engine.agent.count("POST", "containers/")
-    others = {k: v for k, v in engine.agent.summary().items() if k[0] != "POST"
-              or not k[1].startswith("containers/")}
+    others = {(m, "images/{ref}/json" if p == f"images/{ref}/json" else p): n
+              for (m, p), n in engine.agent.summary().items()
+              if m != "POST" or not p.startswith("containers/")}
     assert len(reports[-1].stopped) == count
     dockerd.remove_all_containers()
     return others, stops
@@ -180,8 +187,8 @@ async def test_engine_calls_per_round_do_not_grow_with_containers(
     many, many_stops = await _round_calls(engine, clean_dockerd, image_builder, 30)
     assert (few_stops, many_stops) == (3, 30)  # one stop per stale container, nothing else
     assert few == many
-    assert few == {("GET", "images/json"): 2, ("GET", "containers/json"): 1,
-                   ("POST", "images/create"): 1}
+    assert few == {("GET", "images/json"): 1, ("GET", "containers/json"): 1,
+                   ("POST", "images/create"): 1, ("GET", "images/{ref}/json"): 1}
 
 
 @pytest_twisted.ensureDeferred
@@ -201,3 +208,66 @@ async def test_a_burst_of_requests_during_a_round_costs_one_more_pull(
     assert engine.agent.count("POST", "images/create") <= 2
     assert sum(len(rep.updates) for rep in reports) == 100
     assert clean_dockerd.image_id(ref) == v2.image_id
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait until ``check()``; the seconds it took."""
+    started = reactor.seconds()
+    while not check():
+        if reactor.seconds() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await deferLater(reactor, 0.05, lambda: None)
+    return reactor.seconds() - started
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_registry_stalls_only_its_own_pull(
+    clean_dockerd: Dockerd, image_builder: ImageBuilder,
+    hanging_registry: HangingRegistry,
+) -> None:
+    """The hung pull fails after the stall timeout with nothing stopped; a request for another
+    repository sent while it hangs deploys at once."""
+    fake = hanging_registry
+    fake_host = fake.host
+    stall = 5.0
+    engine = Engine(clean_dockerd, pull_stall_timeout=stall)
+    try:
+        ok = image_builder.ref(unique("app"), "qa")
+        v1 = image_builder.publish(ok, "v1")
+        await clean_dockerd.acli("pull", ok)
+        hung = f"{fake_host}/{unique('hung')}:qa"
+        await clean_dockerd.acli("tag", ok, hung)
+        hung_container = run_container(clean_dockerd, hung, unique("c"))
+        ok_container = run_container(clean_dockerd, ok, unique("c"))
+        v2 = image_builder.publish(ok, "v2")
+
+        reports: list[RoundReport] = []
+        r = reconciler(engine, reports)
+        began = reactor.seconds()
+        r.request(update(hung))
+        # dockerd waits for the manifest now, and sends no response headers meanwhile
+        await _until(fake.asked.is_set, stall, "dockerd asking the hanging registry")
+        sent = reactor.seconds()
+        r.request(update(ok))
+        took = await _until(lambda: bool(reports), stall, "the other repository's round")
+
+        assert reactor.seconds() - began < stall  # the hung pull still hangs
+        [served] = reports
+        assert served.patterns == (ok,) and served.pulled == {ok: v2.image_id}
+        assert [s.id for s in served.stopped] == [ok_container]
+        assert took < 4.0, f"deployed {took:.1f} s after the request (sent {sent - began:.1f} s in)"
+
+        await r.wait_idle()
+        failed_after = reactor.seconds() - began
+        [_, stalled] = reports
+        assert stalled.patterns == (hung,)
+        assert set(stalled.failed) == {hung} and stalled.stalled == (hung,)
+        assert f"no progress from registry {fake_host}" in stalled.failed[hung]
+        assert stalled.stopped == ()
+        assert stall <= failed_after < stall + 10
+        state = clean_dockerd.inspect(hung_container)
+        assert state is not None and state["State"]["Running"]
+        assert state["Image"] == v1.image_id
+        assert any("/manifests/qa" in seen for seen in fake.seen)
+    finally:
+        await engine.client.close()

@@ -420,6 +420,25 @@ def test_a_pull_that_stalls_fails_after_pull_stall_timeout(start: Any) -> None:
     assert daemon.sample("deployer_rounds_total", result="error") is None
     daemon.reactor.advance(1)
     daemon.net.flush()
-    assert daemon.sample("deployer_pulls_total", result="error") == 1
+    assert daemon.sample("deployer_pulls_total", result="stalled") == 1
+    assert daemon.sample("deployer_pulls_total", result="error") is None
     assert daemon.sample("deployer_rounds_total", result="error") == 1
     assert daemon.mem.stops == []
+
+
+def test_stalled_pulls_are_counted_apart_from_other_failures() -> None:
+    from deployer.metrics import Metrics
+    from deployer.rounds import RoundReport
+    from deployer.service import count_round
+
+    metrics = Metrics(process=False)
+    count_round(metrics, RoundReport(
+        patterns=("a", "b", "c"), updates=(), pulled={"c:qa": "sha256:1"},
+        failed={"a:qa": "pull a:qa: no progress", "b:qa": "manifest unknown"},
+        pull_seconds={"c:qa": 1.0}, stopped=(), errors=(), started=0.0, finished=1.0,
+        stalled=("a:qa",),
+    ))
+    text = metrics.render()[0].decode()
+    assert 'deployer_pulls_total{result="stalled"} 1.0' in text
+    assert 'deployer_pulls_total{result="error"} 1.0' in text
+    assert 'deployer_pulls_total{result="ok"} 1.0' in text

@@ -1,11 +1,11 @@
-"""An agent wrapper that records every request: for counting engine calls in tests and
-benchmarks."""
+"""Agents for tests and benchmarks: one that counts engine calls, one that never answers."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
@@ -36,3 +36,22 @@ class CountingAgent:
 
     def reset(self) -> None:
         self.calls.clear()
+
+
+@implementer(IAgent)
+class HangingAgent:
+    """An agent whose requests are never answered (an engine that accepted the connection and
+    went silent); a cancelled request fails with ``CancelledError``, as an agent's does."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.cancelled = 0
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[Any]:
+        self.requests.append((method.decode(), uri.decode()))
+
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+
+        return Deferred(cancel)

@@ -22,21 +22,14 @@ A test plays the registry with :meth:`MemoryDocker.publish`, the supervisor with
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import itertools
 import json
 import re
-import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
-import attrs
 from klein import Klein
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -47,17 +40,25 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from deployer.reference import InvalidReference, check_tag, parse_reference
+from deployer.reference import InvalidReference, check_tag, parse_reference, split
+from deployer.testing.memory_state import (
+    ENGINE_VERSION,
+    IMAGE_SIZE,
+    ContainerState,
+    EngineState,
+    Gate,
+    ImageState,
+    PullRecord,
+    RemoteImage,
+    digest_of,
+    normalize,
+)
 
 log = Logger()
 
 API_VERSION = "1.41"
 MIN_API_VERSION = "1.12"
-ENGINE_VERSION = "20.10.24-memory"
-IMAGE_SIZE = 1982378
 
-_FULL_ID = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
-_HEX = re.compile(r"^[0-9a-f]+$")
 _API_VERSION_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 _FALSE = frozenset({"", "0", "no", "false", "none"})
 #: What a container of an engine started with ``--bridge=none`` shows as its network.
@@ -72,26 +73,6 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("."))
 
 
-def _digest_of(*parts: str) -> str:
-    return "sha256:" + hashlib.sha256(" ".join(parts).encode()).hexdigest()
-
-
-def _timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
-
-
-def normalize(ref: str) -> str:
-    """``ref`` as the engine names it: familiar ``[host/]path:tag``, tag ``latest`` by default.
-    Raises :class:`InvalidReference`."""
-    parsed = parse_reference(ref)
-    return f"{parsed.name}:{parsed.tag or 'latest'}"
-
-
-def _split(repotag: str) -> tuple[str, str]:
-    name, _, tag = repotag.rpartition(":")
-    return name, tag
-
-
 class ApiError(Exception):
     """An error answer: ``{"message": …}`` with ``status`` (plain text when ``plain``)."""
 
@@ -100,116 +81,6 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.plain = plain
-
-
-@attrs.define(eq=False)
-class ImageState:
-    """A local image. ``tags`` are ``repo:tag``, ``digests`` ``repo@sha256:…``, both familiar."""
-
-    id: str
-    created: float
-    labels: dict[str, str] = attrs.field(factory=dict)
-    tags: list[str] = attrs.field(factory=list)
-    digests: list[str] = attrs.field(factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        tags: list[str] | None = list(self.tags) or None
-        digests: list[str] | None = list(self.digests) or None
-        if tags is None and digests is None:
-            tags, digests = ["<none>:<none>"], ["<none>@<none>"]
-        return {
-            "Containers": -1, "Created": int(self.created), "Id": self.id,
-            "Labels": dict(self.labels) or None, "ParentId": "", "RepoDigests": digests,
-            "RepoTags": tags, "SharedSize": -1, "Size": IMAGE_SIZE, "VirtualSize": IMAGE_SIZE,
-        }
-
-    def inspect(self) -> dict[str, Any]:
-        config = {
-            "Hostname": "", "Domainname": "", "User": "", "Env": None, "Image": "",
-            "Cmd": ["/bin/sh", "/app/run.sh"], "Entrypoint": None, "WorkingDir": "",
-            "Labels": dict(self.labels) or None, "Volumes": None, "OnBuild": None,
-        }
-        return {
-            "Id": self.id, "RepoTags": list(self.tags), "RepoDigests": list(self.digests),
-            "Parent": "", "Comment": "Imported from -", "Created": _timestamp(self.created),
-            "Container": "", "ContainerConfig": config, "DockerVersion": ENGINE_VERSION,
-            "Author": "", "Config": config, "Architecture": "amd64", "Os": "linux",
-            "Size": IMAGE_SIZE, "VirtualSize": IMAGE_SIZE,
-            "GraphDriver": {"Data": None, "Name": "memory"},
-            "RootFS": {"Type": "layers", "Layers": [_digest_of("layer", self.id)]},
-            "Metadata": {"LastTagTime": "0001-01-01T00:00:00Z"},
-        }
-
-
-@attrs.define(eq=False)
-class ContainerState:
-    """A container. ``image_ref`` is what it was started with (``Config.Image``)."""
-
-    id: str
-    name: str
-    image_ref: str
-    image_id: str
-    created: float
-    labels: dict[str, str] = attrs.field(factory=dict)
-    running: bool = True
-    exit_code: int = 0
-    finished: float | None = None
-
-    def inspect(self) -> dict[str, Any]:
-        state = {
-            "Status": "running" if self.running else "exited", "Running": self.running,
-            "Paused": False, "Restarting": False, "OOMKilled": False, "Dead": False,
-            "Pid": (int(self.id[:4], 16) + 1) if self.running else 0,
-            "ExitCode": self.exit_code, "Error": "", "StartedAt": _timestamp(self.created),
-            "FinishedAt": _timestamp(self.finished) if self.finished is not None
-            else "0001-01-01T00:00:00Z",
-        }
-        return {
-            "Id": self.id, "Created": _timestamp(self.created), "Path": "/bin/sh",
-            "Args": ["/app/run.sh"], "State": state, "Image": self.image_id,
-            "Name": "/" + self.name, "RestartCount": 0, "Driver": "memory", "Platform": "linux",
-            "HostConfig": {"NetworkMode": "default", "RestartPolicy": {"Name": "no"}},
-            "Config": {
-                "Hostname": self.id[:12], "Image": self.image_ref, "Labels": dict(self.labels),
-                "Cmd": ["/bin/sh", "/app/run.sh"], "Env": None, "Entrypoint": None,
-            },
-            "Mounts": [], "NetworkSettings": {"Networks": {}},
-        }
-
-
-@attrs.frozen
-class RemoteImage:
-    """What the pretend registry holds for a repo:tag."""
-
-    image_id: str
-    digest: str
-    labels: Mapping[str, str] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class PullRecord:
-    """One ``POST /images/create``: the repo:tag asked for and the ``X-Registry-Auth`` header."""
-
-    repotag: str
-    auth: str | None
-
-    def auth_config(self) -> dict[str, Any] | None:
-        """The header decoded (base64url JSON), or None without a header."""
-        if self.auth is None:
-            return None
-        padded = self.auth + "=" * (-len(self.auth) % 4)
-        try:
-            decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(padded))
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"X-Registry-Auth is not base64url JSON: {self.auth!r}") from e
-        return decoded
-
-
-@attrs.define
-class _PullFailure:
-    message: str
-    status: int | None
-    once: bool
 
 
 class _Agent(RequestTraversalAgent):
@@ -267,10 +138,8 @@ def _json(request: IRequest, obj: Any, code: int = 200) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
-
-class MemoryDocker:
-    """The in-memory engine. ``clock`` (optional) gives creation times; without it a counter
-    does, so that the newest object always sorts first."""
+class MemoryDocker(EngineState):
+    """The in-memory engine, served over the Engine API (its state: :class:`EngineState`)."""
 
     app = Klein()
 
@@ -281,29 +150,18 @@ class MemoryDocker:
         engine_version: str = ENGINE_VERSION,
         clock: IReactorTime | None = None,
     ) -> None:
+        super().__init__(clock)
         self.api_version = api_version
         self.min_api_version = min_api_version
         self.engine_version = engine_version
-        self.clock = clock
-        self._ticks = itertools.count(1_700_000_000)
-        self.images: dict[str, ImageState] = {}
-        self.containers: dict[str, ContainerState] = {}
-        self.remote: dict[str, RemoteImage] = {}
         #: (method, path) of every request, in order.
         self.calls: list[tuple[str, str]] = []
-        #: Every pull asked for, with its auth header.
-        self.pulls: list[PullRecord] = []
-        #: (container id, the ``t`` parameter or None) of every stop asked for.
-        self.stops: list[tuple[str, int | None]] = []
         self.pulls_in_progress = 0
         self.max_pulls_in_progress = 0
         #: While true, agents from :meth:`agent` refuse connections (engine down).
         self.down = False
         #: (method, path suffix, status): the next matching request fails once with it.
         self.failing_calls: list[tuple[str, str, int]] = []
-        self._failures: dict[str, _PullFailure] = {}
-        self._slow: dict[str, _Gate] = {}
-        self._on_stop: list[Callable[[ContainerState], object]] = []
         self._agents: list[_Agent] = []
         self._flushing = False
         self._flush_again = False
@@ -344,202 +202,6 @@ class MemoryDocker:
             r"^(?:/v[0-9.]+)?" + re.escape(endpoint).replace(r"\{id\}", "[^/]+") + "$"
         )
         return sum(1 for m, path in self.calls if m == method and pattern.match(path))
-
-    def _now(self) -> float:
-        return self.clock.seconds() if self.clock is not None else float(next(self._ticks))
-
-    # -- the pretend registry -------------------------------------------------------------------
-
-    def publish(
-        self, repotag: str, image_id: str | None = None,
-        labels: Mapping[str, str] | None = None, digest: str | None = None,
-    ) -> str:
-        """Make the registry hold an image under ``repotag`` (a new one unless ``image_id``);
-        returns its id. The local engine sees it only after a pull. The manifest digest is
-        derived from the id unless given."""
-        repotag = normalize(repotag)
-        image_id = image_id or "sha256:" + secrets.token_hex(32)
-        if image_id in self.images and labels is None:
-            labels = self.images[image_id].labels
-        self.remote[repotag] = RemoteImage(
-            image_id=image_id, digest=digest or _digest_of("manifest", image_id),
-            labels=dict(labels or {}),
-        )
-        return image_id
-
-    def unpublish(self, repotag: str) -> None:
-        self.remote.pop(normalize(repotag), None)
-
-    def fail_pull(
-        self, repotag: str, message: str | None = None, *, status: int | None = None,
-        once: bool = False,
-    ) -> None:
-        """Make pulls of ``repotag`` fail. ``status`` None: the engine answers 200 and the error
-        comes as a line of the stream (as for a broken blob); else it answers ``status`` with
-        ``{"message": …}`` (404 is what an unknown tag gives). ``once``: only the next pull."""
-        if message is None:
-            message = (
-                f"manifest for {normalize(repotag)} not found: manifest unknown: manifest unknown"
-                if status == 404 else "unknown blob"
-            )
-        self._failures[normalize(repotag)] = _PullFailure(message, status, once)
-
-    def clear_pull_failure(self, repotag: str) -> None:
-        self._failures.pop(normalize(repotag), None)
-
-    def slow_pull(self, repotag: str, release: Deferred[None]) -> None:
-        """Pulls of ``repotag`` answer 200, send their first line, and end only when ``release``
-        fires; an errback becomes the error line of every waiting pull. Pulls started after
-        it fired are quick."""
-        repotag = normalize(repotag)
-        gate = _Gate()
-        self._slow[repotag] = gate
-
-        def opened(result: object) -> None:
-            if self._slow.get(repotag) is gate:
-                del self._slow[repotag]
-            gate.open(result)
-
-        release.addBoth(opened)
-
-    def auth_headers(self, repotag: str) -> list[str | None]:
-        """The ``X-Registry-Auth`` header of each pull of ``repotag`` so far."""
-        repotag = normalize(repotag)
-        return [p.auth for p in self.pulls if p.repotag == repotag]
-
-    # -- local state helpers ---------------------------------------------------------------------
-
-    def add_image(
-        self, repotags: Iterable[str] = (), image_id: str | None = None,
-        labels: Mapping[str, str] | None = None, digests: Iterable[str] = (),
-    ) -> str:
-        """A local image (tags move to it from any other image); returns its id."""
-        image_id = image_id or "sha256:" + secrets.token_hex(32)
-        image = self.images.get(image_id)
-        if image is None:
-            image = self.images[image_id] = ImageState(
-                id=image_id, created=self._now(), labels=dict(labels or {})
-            )
-        for repotag in repotags:
-            self._tag(image, normalize(repotag))
-        for digest in digests:
-            if digest not in image.digests:
-                image.digests.append(digest)
-        return image_id
-
-    def _tag(self, image: ImageState, repotag: str) -> None:
-        for other in self.images.values():
-            if other is not image and repotag in other.tags:
-                other.tags.remove(repotag)
-        if repotag not in image.tags:
-            image.tags.append(repotag)
-
-    def image_id(self, ref: str) -> str | None:
-        """The local image ``ref`` (a repo:tag or an id) resolves to, or None."""
-        image = self.find_image(ref)
-        return image.id if image is not None else None
-
-    def find_image(self, ref: str) -> ImageState | None:
-        full = _FULL_ID.match(ref)
-        if full is not None:
-            return self.images.get("sha256:" + full.group(1))
-        try:
-            parsed = parse_reference(ref)
-        except InvalidReference:
-            parsed = None
-        if parsed is not None:
-            if parsed.digest is not None:
-                wanted = f"{parsed.name}@{parsed.digest}"
-                for image in self.images.values():
-                    if wanted in image.digests:
-                        return image
-                return None
-            wanted = f"{parsed.name}:{parsed.tag or 'latest'}"
-            for image in self.images.values():
-                if wanted in image.tags:
-                    return image
-        prefix = ref.removeprefix("sha256:")
-        if _HEX.match(prefix):
-            found = [i for i in self.images.values() if i.id[len("sha256:"):].startswith(prefix)]
-            if len(found) == 1:
-                return found[0]
-        return None
-
-    def run(
-        self, name: str | None, image_ref: str, labels: Mapping[str, str] | None = None
-    ) -> str:
-        """Start a container from a local image (by repo:tag or id); returns its id."""
-        image = self.find_image(image_ref)
-        if image is None:
-            raise LookupError(f"MemoryDocker: no local image {image_ref!r}; pull or add it first")
-        container_id = secrets.token_hex(32)
-        name = name or f"memory_{container_id[:8]}"
-        if any(c.name == name.removeprefix("/") for c in self.containers.values()):
-            raise ValueError(f"MemoryDocker: the container name {name!r} is already in use")
-        self.containers[container_id] = ContainerState(
-            id=container_id, name=name, image_ref=image_ref, image_id=image.id,
-            created=self._now(), labels={**image.labels, **(labels or {})},
-        )
-        return container_id
-
-    def remove(self, name_or_id: str) -> None:
-        container = self.find_container(name_or_id)
-        if container is None:
-            raise LookupError(f"MemoryDocker: no container {name_or_id!r}")
-        del self.containers[container.id]
-
-    def find_container(self, name_or_id: str) -> ContainerState | None:
-        if name_or_id in self.containers:
-            return self.containers[name_or_id]
-        name = name_or_id.removeprefix("/")
-        for container in self.containers.values():
-            if container.name == name:
-                return container
-        if _HEX.match(name_or_id):
-            found = [c for c in self.containers.values() if c.id.startswith(name_or_id)]
-            if len(found) == 1:
-                return found[0]
-        return None
-
-    def containers_running(self) -> list[ContainerState]:
-        return [c for c in self._newest_first(self.containers.values()) if c.running]
-
-    def stop_container(self, name_or_id: str, timeout: int | None = None) -> bool:
-        """What ``POST /containers/{id}/stop`` does; False when it was not running."""
-        container = self.find_container(name_or_id)
-        if container is None:
-            raise LookupError(f"MemoryDocker: no container {name_or_id!r}")
-        self.stops.append((container.id, timeout))
-        if not container.running:
-            return False
-        container.running = False
-        container.finished = self._now()
-        for hook in list(self._on_stop):
-            hook(container)
-        return True
-
-    def on_stop(self, callback: Callable[[ContainerState], object]) -> None:
-        """Call ``callback(container)`` after each stop; e.g. :meth:`restart_like_supervisor`."""
-        self._on_stop.append(callback)
-
-    def restart_like_supervisor(self, container: ContainerState) -> str:
-        """What ``Restart=always`` with ``docker rm -f NAME; docker run --name NAME REPO:TAG``
-        does: a new container of the same name on whatever the ref points at now."""
-        self.remove(container.id)
-        return self.run(container.name, container.image_ref)
-
-    @staticmethod
-    def _newest_first(items: Iterable[Any]) -> list[Any]:
-        return sorted(items, key=lambda x: x.created, reverse=True)
-
-    def _listed_image(self, container: ContainerState) -> str:
-        """``Image`` in the container list: the name it was run with while that name still
-        points at its image, else its image id."""
-        if container.image_ref != container.image_id:
-            image = self.find_image(container.image_ref)
-            if image is None or image.id != container.image_id:
-                return container.image_id
-        return container.image_ref
 
     # -- the API ---------------------------------------------------------------------------------
 
@@ -681,7 +343,7 @@ class MemoryDocker:
         if tag or ref.tag:
             repotags = [f"{ref.name}:{tag or ref.tag}"]
         else:  # no tag at all: the engine pulls every tag of the repository
-            repotags = sorted(r for r in self.remote if _split(r)[0] == ref.name)
+            repotags = sorted(r for r in self.remote if split(r)[0] == ref.name)
             if not repotags:
                 repotags = [f"{ref.name}:latest"]
         auth = request.getHeader(b"X-Registry-Auth")
@@ -700,14 +362,18 @@ class MemoryDocker:
         self.pulls_in_progress += 1
         self.max_pulls_in_progress = max(self.max_pulls_in_progress, self.pulls_in_progress)
         d = Deferred.fromCoroutine(self._stream_pull(request, ref.path, repotags))
-        d.addBoth(self._pull_ended, request)
+        d.addBoth(self._pull_ended, request, repotags)
         if not d.called:
             # The answer ends later, outside any agent's pump: push it through when it does.
             request.notifyFinish().addBoth(lambda _: self.flush())
         return d
 
-    def _pull_ended(self, result: object, request: IRequest) -> bytes:
+    def _pull_ended(self, result: object, request: IRequest, repotags: list[str]) -> object:
         self.pulls_in_progress -= 1
+        if isinstance(result, Failure) and result.check(CancelledError):
+            # The client went away (Klein cancels the answer): nothing more to write.
+            self.pulls_abandoned.extend(repotags)
+            return result
         if isinstance(result, Failure):
             log.failure("MemoryDocker: the pull stream broke", result)
             message = f"MemoryDocker: the pull stream broke: {result.getErrorMessage()}"
@@ -715,20 +381,32 @@ class MemoryDocker:
                                      separators=(",", ":")).encode() + b"\n")
         return b""
 
+    @staticmethod
+    async def _held(gate: Gate, line: Callable[[Mapping[str, Any]], None]) -> bool:
+        """Wait for ``gate``; False when it opened with an error (then sent as an error line)."""
+        try:
+            await gate.wait()
+        except CancelledError:
+            raise
+        except Exception as e:
+            line({"errorDetail": {"message": str(e)}, "error": str(e)})
+            return False
+        return True
+
     async def _stream_pull(self, request: IRequest, path: str, repotags: list[str]) -> None:
         def line(obj: Mapping[str, Any]) -> None:
             request.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
         shown_path = path if "/" in path else "library/" + path
         for repotag in repotags:
-            name, tag = _split(repotag)
-            line({"status": f"Pulling from {shown_path}", "id": tag})
+            name, tag, _ = split(repotag)
             gate = self._slow.get(repotag)
-            if gate is not None:
-                try:
-                    await gate.wait()
-                except Exception as e:
-                    line({"errorDetail": {"message": str(e)}, "error": str(e)})
+            if gate is not None and not gate.answer:
+                if not await self._held(gate, line):
+                    return
+            line({"status": f"Pulling from {shown_path}", "id": tag})
+            if gate is not None and gate.answer:
+                if not await self._held(gate, line):
                     return
             failure = self._failures.get(repotag)
             remote = self.remote.get(repotag)
@@ -737,7 +415,7 @@ class MemoryDocker:
                 if failure is not None and failure.once:
                     del self._failures[repotag]
                 message = failure.message if failure is not None else "manifest unknown"
-                layer = _digest_of("layer", repotag)[7:19]
+                layer = digest_of("layer", repotag)[7:19]
                 line({"status": "Pulling fs layer", "progressDetail": {}, "id": layer})
                 line({"status": "Downloading", "progressDetail": {}, "id": layer})
                 line({"errorDetail": {"message": message}, "error": message})
@@ -747,7 +425,7 @@ class MemoryDocker:
                 line({"status": f"Digest: {remote.digest}"})
                 line({"status": f"Status: Image is up to date for {repotag}"})
                 continue
-            for layer_line in _layer_lines(_digest_of("layer", remote.image_id)[7:19]):
+            for layer_line in _layer_lines(digest_of("layer", remote.image_id)[7:19]):
                 line(layer_line)
             image_id = self.add_image(
                 [repotag], remote.image_id, remote.labels, [f"{name}@{remote.digest}"]
@@ -755,29 +433,6 @@ class MemoryDocker:
             assert image_id == remote.image_id
             line({"status": f"Digest: {remote.digest}"})
             line({"status": f"Status: Downloaded newer image for {repotag}"})
-
-
-class _Gate:
-    """Pulls held until a test's Deferred fires; its outcome goes to every one of them."""
-
-    def __init__(self) -> None:
-        self._waiters: list[Deferred[None]] = []
-
-    def wait(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-    def open(self, result: object) -> None:
-        waiters, self._waiters = self._waiters, []
-        if isinstance(result, Failure) and not waiters:
-            log.failure("MemoryDocker: slow_pull released with an error, no pull waiting",
-                        result)
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
 
 
 def _layer_lines(layer: str) -> Iterator[dict[str, Any]]:

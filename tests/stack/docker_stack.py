@@ -1,8 +1,9 @@
 """The real Docker stack as pytest fixtures.
 
 Private ``dockerd`` engines (one shared per session, more on demand), a local ``docker-registry``
-(optionally notifying a webhook), test images built without the internet from a busybox rootfs,
-and a supervisor loop that restarts a container the way systemd's ``Restart=always`` does.
+(optionally notifying a webhook), a registry that hangs on every manifest request, test images
+built without the internet from a busybox rootfs, and a supervisor loop that restarts a
+container the way systemd's ``Restart=always`` does.
 
 Every process started here is torn down by its fixture, also when a test fails: dockerd gets
 SIGTERM, then SIGKILL for itself, its containerd, its shims and the processes left in its cgroups;
@@ -35,6 +36,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -665,6 +667,66 @@ class ImageBuilder:
         return Published(ref=ref, image_id=image_id, digest=digest)
 
 
+# -- a registry that hangs -------------------------------------------------------------------------
+
+
+class HangingRegistry(ThreadingHTTPServer):
+    """A registry on 127.0.0.1 that answers ``GET /v2/`` and never answers anything else: the
+    manifest request hangs (until :meth:`close`). A plain-HTTP server that refuses dockerd's
+    TLS attempt at once, so that dockerd goes on over HTTP."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HangingHandler)
+        self.seen: list[str] = []
+        self.asked = threading.Event()
+        self.released = threading.Event()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.released.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _HangingHandler(BaseHTTPRequestHandler):
+    server: HangingRegistry
+
+    def do_GET(self) -> None:
+        self.server.seen.append(f"{self.command} {self.path}")
+        if self.path == "/v2/":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            return
+        if "/manifests/" in self.path:
+            self.server.asked.set()
+        self.server.released.wait()
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hanging_registry() -> Iterator[HangingRegistry]:
+    """A :class:`HangingRegistry`, closed after the test."""
+    registry = HangingRegistry()
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
 # -- the supervisor -------------------------------------------------------------------------------
 
 
@@ -883,6 +945,7 @@ def supervisor_factory(dockerd: Dockerd) -> Iterator[Callable[..., Supervisor]]:
 
 
 __all__ = [
-    "Dockerd", "ImageBuilder", "Published", "Registry", "Rootfs", "StackError", "Supervisor",
+    "Dockerd", "HangingRegistry", "ImageBuilder", "Published", "Registry", "Rootfs", "StackError",
+    "Supervisor",
     "build_image", "free_port", "push_image", "run", "run_container", "unique",
 ]
