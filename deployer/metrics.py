@@ -46,7 +46,7 @@ class Metrics:
             registry=r,
         )
         self.pulls = Counter(
-            "deployer_pulls", "Image pulls, by result (ok, error, stalled: no progress for --pull_stall_timeout).", ["result"], registry=r
+            "deployer_pulls", "Image pulls, by result (ok, error, stalled).", ["result"], registry=r
         )
         self.pull_duration = Histogram(
             "deployer_pull_duration_seconds",
