@@ -24,6 +24,7 @@ from deployer.dockercfg import DOCKER_HUB_KEY, Credentials, load_credentials
 from deployer.engine_address import DEFAULT_DOCKER_URL, parse_engine_url
 from deployer.errors import ConfigError
 from deployer.notify import DOCKER_HUB_CALLBACK_HOSTS, check_config_url
+from deployer.replace import ReplaceMode
 
 _T = TypeVar("_T")
 
@@ -123,6 +124,21 @@ FLAGS: tuple[Flag, ...] = (
     Flag("pull_stall_timeout", "2m",
          "A pull that makes no progress (no answer, no progress message) for this long is"
          " cancelled and counts as failed."),
+    Flag("max_unavailable", "1",
+         "How many instances of one app (repo:tag) may be replaced at once across the fleet"
+         " (0: no limit, all at once)."),
+    Flag("min_ready", "5s",
+         "A replacement without a HEALTHCHECK is ready once it has run this long."),
+    Flag("ready_timeout", "5m",
+         "A replacement that is not ready (healthy, or running for --min_ready) within this"
+         " time is rolled back and the app's rollout paused."),
+    Flag("replace", "stop",
+         "How a stale container is replaced: stop (its supervisor restarts it on the new"
+         " image) or recreate (re-created by the host from its configuration); a container's"
+         " deployer.replace label wins."),
+    Flag("label_enable", None,
+         "Only touch containers labelled deployer.enable=true (without it, every container"
+         " but those labelled deployer.enable=false).", switch=True),
 )
 
 _FLAGS = {flag.name: flag for flag in FLAGS}
@@ -260,6 +276,14 @@ def _default(name: str) -> str:
     return default
 
 
+def parse_replace_mode(text: str) -> ReplaceMode:
+    try:
+        return ReplaceMode(text.strip().lower())
+    except ValueError:
+        choices = " or ".join(mode.value for mode in ReplaceMode)
+        raise ConfigError(f"{text!r} is not {choices}") from None
+
+
 # -- the configuration ----------------------------------------------------------------------------
 
 
@@ -291,6 +315,11 @@ class Config:
     hostname: str = attrs.field(factory=socket.gethostname)
     request_timeout: float = parse_duration(_default("request_timeout"))
     pull_stall_timeout: float = parse_duration(_default("pull_stall_timeout"))
+    max_unavailable: int = parse_whole(_default("max_unavailable"), 0)
+    min_ready: float = parse_duration(_default("min_ready"))
+    ready_timeout: float = parse_duration(_default("ready_timeout"))
+    replace: ReplaceMode = parse_replace_mode(_default("replace"))  # noqa: RUF009 - an enum member
+    label_enable: bool = False
 
     @property
     def standalone(self) -> bool:
@@ -380,4 +409,10 @@ def build_config(opts: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         hostname=given("hostname") or socket.gethostname(),
         request_timeout=positive("request_timeout"),
         pull_stall_timeout=positive("pull_stall_timeout"),
+        max_unavailable=parsed("max_unavailable", lambda text: parse_whole(text, 0)),
+        min_ready=parsed("min_ready", parse_duration),
+        ready_timeout=positive("ready_timeout"),
+        replace=parsed("replace", parse_replace_mode),
+        label_enable=bool(opts.get("label_enable")),
     )
+

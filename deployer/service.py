@@ -27,6 +27,7 @@ from deployer.config import Config
 from deployer.docker import DockerClient
 from deployer.errors import DockerError
 from deployer.etcd import Etcd, EtcdConfig, WatchService
+from deployer.events import EngineEvents
 from deployer.metrics import Metrics
 from deployer.model import EVERY_IMAGE, Update
 from deployer.notify import (
@@ -37,6 +38,9 @@ from deployer.notify import (
     WebhookNotifier,
 )
 from deployer.reconcile import Reconciler, RoundReport
+from deployer.rollout import wiring
+from deployer.rollout.lease import LeaseKeeper
+from deployer.rollout.wiring import Rollouts
 from deployer.site import ConnectionLimit, Drops, WebhookSite, connection_limit
 from deployer.webhook import Sink, WebhookApp
 
@@ -85,6 +89,7 @@ class Health:
 
     docker: DockerClient
     watch: WatchService | None = None
+    lease: LeaseKeeper | None = None
 
     async def __call__(self) -> str | None:
         try:
@@ -93,6 +98,8 @@ class Health:
             return f"docker: {e}"
         if self.watch is not None and not self.watch.live:
             return f"etcd watch: {self.watch.reason}"
+        if self.lease is not None and not self.lease.held:
+            return f"etcd lease (no rollout slot can be taken): {self.lease.reason}"
         return None
 
 
@@ -107,6 +114,15 @@ def deploy_report(hostname: str, report: RoundReport) -> DeployReport:
         + report.errors,
         source=", ".join(sorted({u.source for u in report.updates})),
     )
+
+
+def _rollouts(config: Config, reactor: Any, etcd: Etcd | None) -> Rollouts:
+    """Rollout slots, pauses and status: in etcd for a fleet, in memory standalone."""
+    if etcd is None:
+        return wiring.standalone(reactor, hostname=config.hostname,
+                                 max_unavailable=config.max_unavailable)
+    return wiring.fleet(etcd, reactor, prefix=config.etcd_prefix, hostname=config.hostname,
+                        max_unavailable=config.max_unavailable)
 
 
 def count_round(metrics: Metrics, report: RoundReport) -> None:
@@ -149,6 +165,8 @@ class DeployerService(MultiService):
     app: WebhookApp
     site: WebhookSite
     connections: ConnectionLimit
+    rollouts: Rollouts
+    events: EngineEvents
     etcd: Etcd | None = None
     watch: WatchService | None = None
     closers: Sequence[Closer] = ()
@@ -164,6 +182,9 @@ class DeployerService(MultiService):
             watch.on_reconnect = self.metrics.etcd_watch_reconnects.inc
             self.metrics.watch_live.set_function(lambda: 1.0 if watch.live else 0.0)
             watch.setServiceParent(self)
+        self.events.setServiceParent(self)
+        if self.rollouts.keeper is not None:
+            self.rollouts.keeper.setServiceParent(self)
         connections = self.connections
         self.metrics.http_connections.set_function(lambda: float(connections.open))
         self.listener = strports.service(self.config.listen, connections, reactor=self.reactor)
@@ -231,11 +252,12 @@ class DeployerService(MultiService):
             watch = etcd.watch(reconciler.request)
             closers.append(etcd.close)
             context = f"deployer={config.hostname} via etcd"
+        rollouts = _rollouts(config, reactor, etcd)
 
         app = WebhookApp(
             clock=reactor,
             sink=sink,
-            health=Health(docker, watch),
+            health=Health(docker, watch, rollouts.keeper),
             auth=TokenAuth(config.webhook_tokens) if config.webhook_tokens else None,
             callbacks=DockerHubCallback(http, reactor, config.callback_hosts),
             webhook_path=config.webhook_path,
@@ -259,6 +281,8 @@ class DeployerService(MultiService):
             app=app,
             site=site,
             connections=ConnectionLimit(site, limit, drops),
+            rollouts=rollouts,
+            events=EngineEvents(reactor, docker),
             etcd=etcd,
             watch=watch,
             closers=tuple(closers),

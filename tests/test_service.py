@@ -442,3 +442,18 @@ def test_stalled_pulls_are_counted_apart_from_other_failures() -> None:
     assert 'deployer_pulls_total{result="stalled"} 1.0' in text
     assert 'deployer_pulls_total{result="error"} 1.0' in text
     assert 'deployer_pulls_total{result="ok"} 1.0' in text
+
+
+def test_fleet_mode_keeps_a_rollout_lease_and_follows_the_engine_events(start: Any) -> None:
+    daemon = start(etcd_nodes=("http://127.0.0.1:2379",))
+    keeper = daemon.service.rollouts.keeper
+    assert keeper is not None and keeper.running
+    assert keeper.held, keeper.reason
+    assert daemon.service.events.running
+    assert daemon.request("GET", "/healthz", b"")[0] == 200
+
+
+def test_standalone_rollouts_need_no_lease(start: Any) -> None:
+    daemon = start()
+    assert daemon.service.rollouts.keeper is None
+    assert daemon.service.events.running
