@@ -90,8 +90,18 @@ def mask_urls(text: str) -> str:
 
 
 def _mask_query(match: re.Match[str]) -> str:
-    parts = [p.partition("=")[0] + "=***" for p in match.group("query").split("&") if p]
-    return match.group("base") + "?" + "&".join(parts)
+    return match.group("base") + "?" + masked_query(match.group("query"))
+
+
+def masked_query(query: str) -> str:
+    """A query string for logs: every value masked (``token=***``), and a part without a
+    value too (``***``: ``?SECRET`` may be the secret itself). Masking twice changes nothing."""
+    parts = []
+    for part in query.split("&"):
+        if part:
+            key, equals, _ = part.partition("=")
+            parts.append(key + "=" + REDACTED if equals else REDACTED)
+    return "&".join(parts)
 
 
 def is_secret_name(name: str) -> bool:

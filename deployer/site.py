@@ -30,6 +30,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from deployer.logs import masked_query
 from deployer.metrics import Metrics
 from deployer.notify import redact_url
 
@@ -231,12 +232,7 @@ def mask_query(uri: bytes) -> bytes:
         path = scheme + colon_slashes + authority.rpartition(b"@")[2] + slash + tail
     if not sep:
         return path
-    masked = []
-    for part in query.split(b"&"):
-        if part:
-            key, equals, _ = part.partition(b"=")
-            masked.append(key + b"=***" if equals else b"***")
-    return path + b"?" + b"&".join(masked)
+    return path + b"?" + masked_query(query.decode("latin-1")).encode("latin-1")
 
 
 def referer_origin(value: bytes | None) -> bytes | None:

@@ -132,7 +132,7 @@ def test_known_secrets_are_redacted_everywhere() -> None:
         ("https://h.example/cb?token=abc#frag", "https://h.example/cb?token=***#frag"),
         ("url 'http://u:pw@h:5000/v2/?a=b' done", "url 'http://u:***@h:5000/v2/?a=***' done"),
         ("https://user:p%40ss@registry/v2/", "https://user:***@registry/v2/"),
-        ("/api/deploy?token", "/api/deploy?token=***"),
+        ("/api/deploy?token", "/api/deploy?***"),
         ("what? no url=here", "what? no url=here"),
         ("a@b and user:x@host", "a@b and user:x@host"),
         ("no query http://h/p", "no query http://h/p"),
