@@ -68,6 +68,9 @@ section.app h2{font-size:1.1rem;margin:.2rem 0 .5rem}
 .rollout{color:#1c4fa0;margin:.2rem 0 .5rem}
 table{border-collapse:collapse;width:100%;table-layout:fixed}
 td{overflow-wrap:anywhere}
+section.app th:nth-child(1){width:15%}section.app th:nth-child(2){width:13%}
+section.app th:nth-child(3){width:16%}section.app th:nth-child(4){width:10%}
+section.app th:nth-child(5){width:20%}
 #hosts table{width:auto;min-width:50%;table-layout:auto}
 th,td{text-align:left;padding:.3rem .6rem;border-bottom:1px solid #eee;vertical-align:top}
 th{font-weight:600;color:#666;font-size:.75rem;text-transform:uppercase}
