@@ -157,7 +157,8 @@ def apps(document: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     found = document.get("apps") if isinstance(document, Mapping) else None
     if not isinstance(found, Mapping):
         raise ValueError("no apps object")
-    return sorted((str(name), mapping(entry)) for name, entry in found.items())
+    return sorted(((str(name), mapping(entry)) for name, entry in found.items()),
+                  key=lambda pair: pair[0])
 
 
 def row(app: str, host: str, state: object) -> Row:

@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -29,7 +31,13 @@ from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.status import AppState, HostState
 from deployer.rollout.testing import MemoryEtcd
-from deployer.status_page import CONTENT_SECURITY_POLICY, REFRESH_SECONDS
+from deployer.status_page import (
+    CONTENT_SECURITY_POLICY,
+    REFRESH_SECONDS,
+    prefers_html,
+    render_page,
+)
+from deployer.status_view import render_table
 from deployer.webhook import WebhookApp
 from tests.helpers import fired
 from tests.test_webhook import TOKEN, Answer, Front, authorization
@@ -679,3 +687,38 @@ def test_the_web_layer_takes_the_daemons_rollout_parts() -> None:
     app = WebhookApp(clock=clock, sink=None, health=None, auth=None,  # type: ignore[arg-type]
                      rollouts=rollouts)
     assert app.rollouts is rollouts
+
+
+# -- anything ---------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+app_entries = st.fixed_dictionaries({}, optional={
+    key: json_values | st.dictionaries(st.text(max_size=8), json_values, max_size=2)
+    for key in ("paused", "hosts", "images", "converged", "replacing", "waiting")
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(document=st.fixed_dictionaries(
+    {"apps": st.dictionaries(st.text(max_size=10), app_entries | json_values, max_size=3)},
+    optional={"hosts": json_values, "time": json_values},
+))
+def test_any_document_makes_a_well_formed_page_and_table(document: dict[str, Any]) -> None:
+    """Whatever etcd held, the page is well-formed HTML with the page's own script only, and
+    the table is printable text."""
+    body = render_page(document)
+    tree = parse_page(body)
+    assert len(tree.all("script")) == 1
+    assert len(tree.all("section", "app")) == len(document["apps"])
+    table = render_table(document)
+    assert all(c.isprintable() for c in table.replace("\n", ""))
+
+
+@given(st.lists(st.binary(max_size=40), max_size=3))
+def test_any_accept_header_is_an_answer(values: list[bytes]) -> None:
+    assert prefers_html(values) in (True, False)
