@@ -5,7 +5,7 @@ Every webhook endpoint turns its payload into :class:`deployer.model.Update` val
 (standalone) or etcd (a fleet). Errors are typed (:class:`BadWebhook`, :class:`EtcdUnavailable`)
 and become JSON answers in one place (:meth:`WebhookApp._bad_webhook` and its neighbours).
 
-Endpoints (all ``POST`` but health and metrics):
+Endpoints (all ``POST`` but health, metrics and status):
 
 =============================  ==================================================  ========
 path                           payload                                             answer
