@@ -4,10 +4,15 @@
 
 - ``deployer trigger REPO[:TAG][@DIGEST]``: deploy a repository now, through the daemon's
   ``POST /api/deploy``; the daemon's JSON answer is printed.
+- ``deployer status``: what every host runs, app x host, and each paused rollout
+  (``GET /status``); ``--json`` prints the daemon's document itself.
+- ``deployer resume APP``: end the paused rollout of ``APP`` (``repo:tag``) so that it goes on
+  (``POST /api/resume``).
 
 Exit status: 0 when the command did what it was asked (the daemon answered 2xx), 1 when it
-failed (any other answer, no answer, an unexpected error), 2 for a usage error (an unknown
-command, a bad option or value). An error is one line on stderr, never a traceback.
+failed (any other answer, no answer, an app that is not paused, an unexpected error), 2 for a
+usage error (an unknown command, a bad option or value, a malformed APP). An error is one line
+on stderr, never a traceback.
 
 A command is a :class:`Command` in :data:`COMMANDS`: its name, a line of help, a function that
 adds its arguments, and a function that checks them and returns the work to run on the
@@ -31,9 +36,13 @@ from deployer import __version__
 from deployer.auth import TOKEN_ENV, load_token
 from deployer.errors import ConfigError
 from deployer.reference import InvalidReference, Reference, parse_reference
+from deployer.rollout.keys import app_name
+from deployer.status_view import printable, render_table
 
 DEFAULT_URL = "http://127.0.0.1:4500"
 DEPLOY_PATH = "/api/deploy"
+STATUS_PATH = "/status"
+RESUME_PATH = "/api/resume"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_CODES = (
     "exit status: 0 success, 1 failure (an error answer, no answer, an unexpected error),"
@@ -139,9 +148,9 @@ class DaemonClient:
         url = self.url + path
         pool = HTTPConnectionPool(reactor, persistent=False)
         http = HTTPClient(Agent(reactor, pool=pool))
-        headers = Headers(
-            {b"Authorization": [f"Bearer {self.token}".encode()]} if self.token else {}
-        )
+        headers = Headers({b"Accept": [b"application/json"]})
+        if self.token:
+            headers.addRawHeader(b"Authorization", f"Bearer {self.token}".encode())
         kwargs: dict[str, Any] = {} if payload is None else {"json": payload}
         try:
             response = await http.request(
@@ -156,6 +165,18 @@ class DaemonClient:
 
     def _timed_out(self, result: object, timeout: float) -> NoReturn:
         raise TimeoutError(f"none within {timeout:g} s")
+
+
+def answer_error(body: bytes) -> str:
+    """The reason in an error answer: its JSON ``error``, else the start of its text (one
+    line)."""
+    try:
+        answer: Any = json.loads(body)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return printable(answer["error"])
+    return printable(body[:200].decode("utf-8", "replace").strip()) or "no reason given"
 
 
 def print_answer(body: bytes, out: TextIO) -> None:
@@ -215,7 +236,90 @@ TRIGGER = Command(
     prepare=_trigger,
 )
 
-COMMANDS: tuple[Command, ...] = (TRIGGER,)
+# -- status -------------------------------------------------------------------------------------
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    daemon_options(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="print the daemon's JSON document instead of the table")
+
+
+def _status(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> Work:
+    daemon = DaemonClient.from_args(args, environ)
+
+    async def work(reactor: Any) -> int:
+        url = daemon.url + STATUS_PATH
+        code, body = await daemon.request(reactor, "GET", STATUS_PATH)
+        if code != 200:
+            raise Failed(f"{url} answered HTTP {code}: {answer_error(body)}")
+        try:
+            document = json.loads(body)
+            table = render_table(document)
+        except ValueError as e:
+            raise Failed(f"{url} answered with no status document ({e})") from None
+        if args.json:
+            console.out.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        else:
+            console.out.write(table)
+        return EXIT_OK
+
+    return work
+
+
+STATUS = Command(
+    name="status",
+    help="show what every host runs, app x host, and the paused rollouts",
+    description="Show what every host runs (GET /status): per app and host the image (the"
+    " first 12 hex digits of its id, as docker ps shows it), its digest, health, containers"
+    " and the last round, then a PAUSED line for each paused rollout and who is replacing or"
+    " waiting in each rollout under way.",
+    arguments=_status_arguments,
+    prepare=_status,
+)
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def _resume_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("app", metavar="APP", help="the app whose rollout is paused: repo:tag")
+    daemon_options(parser)
+
+
+def _resume(args: argparse.Namespace, environ: Mapping[str, str], console: Console) -> Work:
+    if not (args.app.isascii() and args.app.isprintable()) or " " in args.app:
+        raise UsageError(f"invalid app {args.app!r}: whitespace, control or non-ASCII characters")
+    try:
+        app = app_name(args.app)
+    except InvalidReference as e:
+        raise UsageError(f"invalid app {args.app!r}: {e}") from None
+    daemon = DaemonClient.from_args(args, environ)
+
+    async def work(reactor: Any) -> int:
+        code, body = await daemon.request(reactor, "POST", RESUME_PATH, {"app": app})
+        if code == 200:
+            console.out.write(f"resumed {app}\n")
+            return EXIT_OK
+        reason = answer_error(body)
+        if code == 404 and reason.endswith("is not paused"):
+            raise Failed(f"{reason}: nothing changed")
+        raise Failed(f"{daemon.url}{RESUME_PATH} answered HTTP {code}: {reason}")
+
+    return work
+
+
+RESUME = Command(
+    name="resume",
+    help="end the paused rollout of APP (repo:tag)",
+    description="End the paused rollout of APP (repo:tag, e.g. myorg/app:qa) after a bad"
+    " build stopped it (POST /api/resume, which deletes its pause): hosts go on replacing"
+    " their containers of APP. Fails, changing nothing, when APP is not paused.",
+    arguments=_resume_arguments,
+    prepare=_resume,
+)
+
+COMMANDS: tuple[Command, ...] = (TRIGGER, STATUS, RESUME)
 
 
 # -- the command line ---------------------------------------------------------------------------

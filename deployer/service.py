@@ -265,6 +265,7 @@ class DeployerService(MultiService):
             context=context,
             metrics=metrics,
             github_secret=config.github_secret.encode() if config.github_secret else None,
+            rollouts=rollouts,
         )
         limit = connection_limit() if max_connections is None else max_connections
         drops = Drops(reactor, metrics, limit, config.request_timeout)

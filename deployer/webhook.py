@@ -5,7 +5,7 @@ Every webhook endpoint turns its payload into :class:`deployer.model.Update` val
 (standalone) or etcd (a fleet). Errors are typed (:class:`BadWebhook`, :class:`EtcdUnavailable`)
 and become JSON answers in one place (:meth:`WebhookApp._bad_webhook` and its neighbours).
 
-Endpoints (all ``POST`` but health and metrics):
+Endpoints (all ``POST`` but health, metrics and status):
 
 =============================  ==================================================  ========
 path                           payload                                             answer
@@ -18,7 +18,14 @@ path                           payload                                          
 ``/api/github/events``         GitHub ``registry_package`` / ``package``           202
 ``GET /healthz``               engine (and etcd watch) health                      200/503
 ``GET /metrics``               Prometheus text format                              200
+``GET /status``                what every host runs, paused rollouts (JSON, HTML)  200/503
+``/api/resume``                ``{"app": "repo:tag"}``: end a paused rollout       200/404
 =============================  ==================================================  ========
+
+``GET /status`` takes the token like a webhook (also ``?token=``, for a browser) and answers
+JSON, or the status page (:mod:`deployer.status_page`) when the client prefers ``text/html``.
+``POST /api/resume`` takes the token in a header only: it changes the fleet, and a URL ends up
+in histories and logs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 from klein import Klein
@@ -39,7 +47,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from deployer.auth import peer, verify_github_signature
-from deployer.errors import BadWebhook, EtcdUnavailable, Unauthorized
+from deployer.errors import BadWebhook, EtcdError, EtcdUnavailable, Unauthorized
 from deployer.formats import (
     JSON_CONTENT_TYPES,
     REGISTRY_CONTENT_TYPES,
@@ -55,7 +63,11 @@ from deployer.formats import (
 )
 from deployer.metrics import Metrics
 from deployer.model import Update
+from deployer.reference import InvalidReference
+from deployer.rollout.keys import app_name
 from deployer.site import MAX_BODY
+from deployer.status_page import HEADERS as PAGE_HEADERS
+from deployer.status_page import prefers_html, render_page
 from deployer.timeouts import wait_at_most
 
 log = Logger()
@@ -84,6 +96,28 @@ class Callbacks(Protocol):
 
 class Authenticator(Protocol):
     def check(self, request: IRequest) -> None: ...
+
+
+class StatusDocument(Protocol):
+    def document(self) -> Deferred[dict[str, Any]]:
+        """The ``/status`` document (:mod:`deployer.rollout.status`)."""
+        ...
+
+
+class Resumer(Protocol):
+    def resume(self, app: str) -> Deferred[bool]:
+        """End the pause of ``app``; False, and nothing written, when it was not paused."""
+        ...
+
+
+class RolloutControl(Protocol):
+    """What the web layer uses of :class:`deployer.rollout.wiring.Rollouts`."""
+
+    @property
+    def status(self) -> StatusDocument: ...
+
+    @property
+    def pauses(self) -> Resumer: ...
 
 
 def json_body(request: IRequest, code: int, obj: Any) -> bytes:
@@ -119,6 +153,7 @@ class WebhookApp:
     metrics: Metrics = attrs.field(factory=lambda: Metrics(process=False))
     github_secret: bytes | None = None
     seen: SeenEvents = attrs.field(factory=SeenEvents)
+    rollouts: RolloutControl | None = None
     _writing: dict[str, _Shared] = attrs.field(init=False, factory=dict)
     app: Klein = attrs.field(init=False, factory=Klein)
 
@@ -132,8 +167,10 @@ class WebhookApp:
         route("/api/github/events", methods=["POST"])(self.github)
         route("/healthz", methods=["GET", "HEAD"])(self.healthz)
         route("/metrics", methods=["GET", "HEAD"])(self.prometheus)
+        route("/status", methods=["GET", "HEAD"])(self.status)
+        route("/api/resume", methods=["POST"])(self.resume)
         self.app.handle_errors(BadWebhook)(self._bad_webhook)
-        self.app.handle_errors(EtcdUnavailable)(self._unavailable)
+        self.app.handle_errors(EtcdError)(self._unavailable)
         self.app.handle_errors(MethodNotAllowed)(self._not_allowed)
         self.app.handle_errors(NotFound)(self._not_found)
         # werkzeug "redirects" /api//deploy to /api/deploy: an unknown path here, never a 500.
@@ -160,9 +197,11 @@ class WebhookApp:
         return json_body(request, error.code, {"error": error.reason})
 
     def _unavailable(self, request: IRequest, failure: Failure) -> bytes:
-        log.error("cannot record webhook to {path}: {error}", path=_path(request),
-                  error=str(failure.value))
-        return json_body(request, 503, {"error": str(failure.value)})
+        """etcd did not answer (:class:`EtcdUnavailable`) or answered with an error."""
+        error = failure.value
+        reason = str(error) if isinstance(error, EtcdUnavailable) else f"etcd: {error}"
+        log.error("cannot answer {path}: {error}", path=_path(request), error=reason)
+        return json_body(request, 503, {"error": reason})
 
     def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
@@ -302,6 +341,52 @@ class WebhookApp:
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
         return body
+
+    # -- rollouts ---------------------------------------------------------------------------------
+
+    async def status(self, request: IRequest) -> bytes:
+        """The ``/status`` document: JSON, or the status page when the client prefers
+        ``text/html`` (JSON when both are as welcome)."""
+        self._authorize(request, "status")
+        document = await self._rollouts().status.document()
+        request.setHeader(b"Vary", b"Accept")
+        if not prefers_html(request.requestHeaders.getRawHeaders(b"accept") or []):
+            return json_body(request, 200, document)
+        page = render_page(document)
+        for name, value in PAGE_HEADERS.items():
+            request.setHeader(name, value)
+        return page
+
+    async def resume(self, request: IRequest) -> bytes:
+        """``{"app": "repo:tag"}``: end the app's paused rollout (``deployer resume``)."""
+        self._authorize(request, "resume", query_token=False)
+        body = self._json_body(request, JSON_CONTENT_TYPES)
+        if not isinstance(body, dict) or not isinstance(body.get("app"), str):
+            raise BadWebhook('the body must be {"app": "repo:tag"}')
+        try:
+            app = app_name(body["app"])
+        except InvalidReference as e:
+            raise BadWebhook(f"invalid app: {e}") from None
+        if not await self._rollouts().pauses.resume(app):
+            raise BadWebhook(f"{app} is not paused", 404)
+        log.info("resumed the rollout of {app} (asked from {peer})", app=app, peer=peer(request))
+        return json_body(request, 200, {"status": "resumed", "app": app})
+
+    def _rollouts(self) -> RolloutControl:
+        if self.rollouts is None:
+            raise BadWebhook("rollout status is not kept by this daemon", 404)
+        return self.rollouts
+
+    def _authorize(self, request: IRequest, endpoint: str, query_token: bool = True) -> None:
+        """Check the caller of an endpoint that is not a webhook (not counted as one).
+        Without ``query_token``, a token in the URL is refused."""
+        request.deployer_endpoint = endpoint  # type: ignore[attr-defined]
+        if self.auth is None:
+            return
+        if not query_token and b"token" in urlsplit(request.uri).query:
+            raise Unauthorized(f"send the token in an Authorization header: {_path(request)}"
+                               " does not take one in the URL")
+        self.auth.check(request)
 
     # -- helpers --------------------------------------------------------------------------------
 

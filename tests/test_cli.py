@@ -75,7 +75,7 @@ def test_help_lists_every_command_and_the_exit_statuses(
     out = capsys.readouterr().out
     for command in COMMANDS:
         assert f"    {command.name}" in out and command.help in out
-    assert "one of: trigger" in out
+    assert "one of: trigger, status, resume" in out
     assert "exit status: 0 success, 1 failure" in out and "2 usage error" in out
 
 
@@ -92,7 +92,8 @@ def test_each_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) ->
 def test_only_existing_commands_are_listed() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(sub.choices) == sorted(c.name for c in COMMANDS) == ["trigger"]
+    assert sorted(sub.choices) == sorted(c.name for c in COMMANDS) == [
+        "resume", "status", "trigger"]
 
 
 def test_a_new_command_is_one_command_object() -> None:

@@ -34,6 +34,7 @@ from deployer.auth import TokenAuth
 from deployer.errors import EtcdUnavailable
 from deployer.formats import MAX_DEPTH
 from deployer.model import Update
+from deployer.rollout import wiring
 from deployer.site import MAX_BODY
 from deployer.webhook import HARBOR_ANSWER_WITHIN, WebhookApp
 from tests.helpers import assert_valid, fired, paths, replaced
@@ -140,6 +141,7 @@ class Front:
     callbacks: RecordingCallbacks = attrs.field(factory=RecordingCallbacks)
     github_secret: bytes | None = GITHUB_SECRET
     public_url: str | None = PUBLIC_URL
+    rollouts: Any = None
     app: WebhookApp = attrs.field(init=False)
     stub: Any = attrs.field(init=False)  # a StubTreq, whose methods mypy cannot see
 
@@ -154,6 +156,7 @@ class Front:
             public_url=self.public_url,
             context=CONTEXT,
             github_secret=self.github_secret,
+            rollouts=self.rollouts,
         )
         self.stub = StubTreq(self.app.resource())
 
@@ -1076,7 +1079,8 @@ def test_healthz_unhealthy() -> None:
 # -- anything at every endpoint -------------------------------------------------------------------
 
 
-PATHS = [e.path for e in ENDPOINTS.values()] + ["/healthz", "/metrics", "/nope", "/api/"]
+PATHS = [e.path for e in ENDPOINTS.values()] + ["/healthz", "/metrics", "/nope", "/api/",
+                                               "/status", "/api/resume"]
 GOOD_BODIES = [e.good for e in ENDPOINTS.values()]
 
 json_scalars = (
@@ -1159,7 +1163,7 @@ def test_anything_at_any_endpoint(
     path: str, method: str, body: bytes, content_type: bytes | None,
     authorization_header: bytes | None, query: str, sign: bool, github_event: str,
 ) -> None:
-    front = Front()
+    front = Front(rollouts=wiring.standalone(Clock(), hostname="host-a"))
     headers: dict[str, str | bytes] = {"X-GitHub-Event": github_event}
     if content_type is not None:
         headers["Content-Type"] = content_type
