@@ -319,12 +319,17 @@ def test_a_release_that_fails_is_retried_while_the_lease_lives(fleet: Fleet) -> 
     assert not holder.lost
 
 
+def polls_in(fleet: Fleet, seconds: float) -> list[int]:
+    """How many times each host reads its app's queue in the next ``seconds``."""
+    before = [h.link.count(KV_RANGE) for h in fleet.hosts]
+    advance(fleet.clock, seconds, step=0.01)
+    return [h.link.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+
+
 def test_waiters_far_back_look_less_often() -> None:
     fleet = Fleet(limit=1, hosts=10)
     ask(fleet, list(range(10)))
-    before = [h.link.count(KV_RANGE) for h in fleet.hosts]
-    advance(fleet.clock, 10, step=0.01)
-    polls = [h.link.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    polls = polls_in(fleet, 10)
     # the holder looks no more; the next in line every POLL_INTERVAL, the second every two,
     # ... never less often than every MAX_POLL_INTERVAL
     expected = [0] + [10 / min(MAX_POLL_INTERVAL, POLL_INTERVAL * n) for n in range(1, 10)]
@@ -395,9 +400,7 @@ def test_a_lease_lost_as_soon_as_granted_is_not_used() -> None:
 def test_with_two_at_a_time_the_two_next_in_line_look_often() -> None:
     fleet = Fleet(limit=2, hosts=6)
     ask(fleet, list(range(6)))
-    before = [h.link.count(KV_RANGE) for h in fleet.hosts]
-    advance(fleet.clock, 10, step=0.01)
-    polls = [h.link.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    polls = polls_in(fleet, 10)
     # h0 and h1 hold; h2 and h3 are one release away, h4 and h5 two
     expected = [0, 0] + [10 / POLL_INTERVAL] * 2 + [10 / (2 * POLL_INTERVAL)] * 2
     assert polls == pytest.approx(expected, rel=0.1, abs=1)
