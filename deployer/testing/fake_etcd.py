@@ -66,7 +66,7 @@ from deployer.testing.fake_etcd_store import (
 )
 from deployer.testing.fake_etcd_watch import FakeWatch
 
-__all__ = ["FakeEtcd", "FakeEtcdAgent", "FakeWatch", "GatewayError"]
+__all__ = ["FakeEtcd", "FakeEtcdAgent", "FakeWatch", "GatewayError", "SyncProducer"]
 
 
 class FakeEtcd(EtcdStore, Resource):
