@@ -1,6 +1,8 @@
-"""What the in-memory etcd does on its clock (the shared suite in test_etcd_gateway.py holds it
-to the real one's answers): leases expire and keepalives extend them, progress notifications
-come every interval, and a frozen member answers nothing until it thaws."""
+"""What the in-memory etcd does on its clock and for a test (the shared suite in
+test_etcd_gateway.py holds it to the real one's answers): leases expire and keepalives extend
+them, progress notifications come every interval, a frozen member answers nothing until it
+thaws, a member that is down refuses connections, a client can be cut off, and requests beyond
+a budget are refused."""
 
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 
+from deployer.errors import EtcdHTTPError, EtcdUnavailable
+from deployer.etcd import Etcd, EtcdConfig
 from deployer.model import Update
+from deployer.testing.fake_etcd import FakeEtcd, FakeEtcdAgent
 from tests.helpers import fired
 from tests.stack.etcd_stack import Rig, make_rig
 
@@ -88,3 +94,54 @@ def test_a_frozen_member_answers_nothing_until_it_thaws(rig: Rig) -> None:
     assert not d.called, "a request sent while frozen stays unanswered"
     fired(rig.etcd.record(Update("myorg/after", source="test", received=1.0)))
     assert service.live
+
+
+def client(fake: FakeEtcd, clock: Clock, *members: str) -> tuple[Etcd, FakeEtcdAgent]:
+    """The daemon's etcd client over its own agent to ``fake``."""
+    agent = fake.agent()
+    config = EtcdConfig(nodes=tuple(f"http://{m}:2379" for m in members), dial_timeout=5.0)
+    return Etcd(clock, config, http=fake.http_client(agent)), agent
+
+
+def test_a_member_that_is_down_refuses_connections_and_the_client_fails_over() -> None:
+    clock = Clock()
+    fake = FakeEtcd(clock, progress_interval=None)
+    etcd, agent = client(fake, clock, "10.0.0.1", "10.0.0.2")
+    fake.down.add("10.0.0.1")
+    answer = fired(etcd.request("/v3/kv/put", {"key": b64(b"/k"), "value": b64(b"v")}))
+    assert answer["header"]["revision"] == "2"
+    assert agent.paths == ["/v3/kv/put", "/v3/kv/put"]
+    assert [member for member, _, _ in fake.requests] == ["10.0.0.2"]
+    assert etcd.members.in_use == "http://10.0.0.2:2379"
+    fake.down.add("10.0.0.2")
+    with pytest.raises(EtcdUnavailable, match="ConnectionRefusedError"):
+        fired(etcd.request("/v3/kv/range", {"key": b64(b"/k")}))
+    fake.down.clear()
+    assert fired(etcd.request("/v3/kv/range", {"key": b64(b"/k")}))["count"] == "1"
+    assert fake.keys("/") == ["/k"]
+
+
+def test_a_cut_client_reaches_no_member_and_the_others_still_do() -> None:
+    clock = Clock()
+    fake = FakeEtcd(clock, progress_interval=None)
+    (cut, cut_agent), (other, _) = client(fake, clock, "10.0.0.1"), client(fake, clock,
+                                                                            "10.0.0.1")
+    cut_agent.cut = True
+    with pytest.raises(EtcdUnavailable):
+        fired(cut.request("/v3/lease/grant", {"TTL": 5}))
+    assert cut_agent.count("/v3/lease/grant") == 1 and fake.count("/v3/lease/grant") == 0
+    fired(other.request("/v3/kv/put", {"key": b64(b"/j"), "value": b64(b"[1]")}))
+    assert fake.value("/j") == [1]
+
+
+def test_requests_beyond_the_budget_are_refused_as_too_many() -> None:
+    clock = Clock()
+    fake = FakeEtcd(clock, progress_interval=None)
+    etcd, _ = client(fake, clock, "10.0.0.1")
+    fake.max_requests = 1
+    fired(etcd.request("/v3/kv/range", {"key": b64(b"/k")}))
+    with pytest.raises(EtcdHTTPError) as refused:
+        fired(etcd.request("/v3/kv/range", {"key": b64(b"/k")}))
+    assert (refused.value.status, refused.value.code) == (429, 8)
+    assert "etcdserver: too many requests" in str(refused.value)
+    assert etcd.members.in_use == "http://10.0.0.1:2379", "the request, not the member, failed"

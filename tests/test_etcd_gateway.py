@@ -151,10 +151,11 @@ async def test_range_answers(client: Client) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_txn_compare_create_if_absent(client: Client) -> None:
+    lease = int((await client.post("/v3/lease/grant", {"TTL": 30}))["ID"])
     key = b64(client.key("slot"))
     txn = {
-        "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
-        "success": [{"request_put": {"key": key, "value": b64(b"mine")}}],
+        "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+        "success": [{"request_put": {"key": key, "value": b64(b"mine"), "lease": str(lease)}}],
         "failure": [{"request_range": {"key": key}}],
     }
     won = await client.post("/v3/kv/txn", txn)
@@ -171,6 +172,8 @@ async def test_txn_compare_create_if_absent(client: Client) -> None:
     assert seen["count"] == "1"
     assert seen["kvs"][0]["value"] == b64(b"mine")
     assert seen["kvs"][0]["create_revision"] == str(revision)
+    assert seen["kvs"][0]["lease"] == str(lease)
+    await client.post("/v3/lease/revoke", {"ID": lease})
 
 
 @pytest_twisted.ensureDeferred
@@ -210,6 +213,82 @@ async def test_txn_compare_targets_and_mixed_operations(client: Client) -> None:
     assert deleted == {"response_delete_range": {**header, "deleted": "1"}}
     assert nothing == {"response_delete_range": header}
     assert await client.names() == ["n"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_only_while_unchanged(client: Client) -> None:
+    first = await client.put("k", b"1")
+    second = await client.put("k", b"2")
+    key = b64(client.key("k"))
+
+    def delete_if(mod_revision: int) -> dict[str, Any]:
+        return {"compare": [{"key": key, "target": "MOD", "result": "EQUAL",
+                             "mod_revision": str(mod_revision)}],
+                "success": [{"request_delete_range": {"key": key}}]}
+
+    stale = await client.post("/v3/kv/txn", delete_if(first))
+    assert set(stale) == {"header"}, "no succeeded, no responses"
+    assert int(stale["header"]["revision"]) == second
+    done = await client.post("/v3/kv/txn", delete_if(second))
+    assert done["succeeded"] is True
+    assert done["responses"] == [{"response_delete_range": {
+        "header": {"revision": str(second + 1)}, "deleted": "1"}}]
+    missing = await client.post("/v3/kv/txn", {"success": [{"request_delete_range": {
+        "key": key}}]})
+    assert missing["succeeded"] is True
+    assert missing["responses"] == [{"response_delete_range": {
+        "header": {"revision": str(second + 1)}}}], "nothing deleted: no count, no revision"
+    assert await client.names() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_kv_put(client: Client) -> None:
+    key = b64(client.key("p"))
+    answer = await client.post("/v3/kv/put", {"key": key, "value": b64(b"1")})
+    assert set(answer) == {"header"}
+    revision = int(answer["header"]["revision"])
+    lease = int((await client.post("/v3/lease/grant", {"TTL": 30}))["ID"])
+    again = await client.post("/v3/kv/put", {"key": key, "value": b64(b"2"),
+                                             "lease": str(lease)})
+    assert int(again["header"]["revision"]) == revision + 1
+    (kv,) = (await client.post("/v3/kv/range", {"key": key}))["kvs"]
+    assert kv == {"key": key, "value": b64(b"2"), "version": "2", "lease": str(lease),
+                  "create_revision": str(revision), "mod_revision": str(revision + 1)}
+    unknown = await client.error("/v3/kv/put", {"key": b64(client.key("q")),
+                                                "value": b64(b"x"), "lease": "12345"})
+    assert (unknown.status, unknown.code) == (404, 5)
+    assert "requested lease not found" in str(unknown)
+    assert await client.names() == ["p"]
+    await client.post("/v3/lease/revoke", {"ID": str(lease)})
+    assert await client.names() == [], "the key went with the lease it was put with last"
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_sorted_and_bounded_by_revision(client: Client) -> None:
+    created = {name: await client.put(name) for name in ("c", "a", "b")}
+    await client.put("c", b"again")  # c was created first and changed last
+
+    async def names(**options: Any) -> tuple[list[str], str | None, bool]:
+        answer = await client.post("/v3/kv/range", {**client.everything(), **options})
+        found = [unb64(kv["key"])[len(client.prefix):].decode()
+                 for kv in answer.get("kvs", [])]
+        return found, answer.get("count"), answer.get("more", False)
+
+    assert await names(sort_order="DESCEND", sort_target="CREATE") == (["b", "a", "c"], "3",
+                                                                     False)
+    assert await names(sort_order=2, sort_target=2) == (["b", "a", "c"], "3", False)
+    assert await names(sort_target="MOD") == (["a", "b", "c"], "3", False), "ascending"
+    assert await names(sort_target="CREATE", limit=1) == (["a"], "3", True), (
+        "without an order, only the first keys (limit + 1) are sorted: a and b, not c")
+    assert await names(sort_order="ASCEND", sort_target="CREATE", serializable=True,
+                       max_create_revision=str(created["a"])) == (["c", "a"], "3", False), (
+        "count is taken before the revision bounds")
+    assert await names(sort_order="ASCEND", sort_target="CREATE", limit=1,
+                       max_create_revision=str(created["a"])) == (["c"], "3", True)
+    assert await names(min_mod_revision=str(created["b"])) == (["b", "c"], "3", False)
+    assert await names(max_mod_revision=str(created["b"]), min_create_revision=str(
+        created["a"])) == (["a", "b"], "3", False)
+    assert await names(sort_order="DESCEND", keys_only=True, limit=1) == (["c"], "3", True)
 
 
 @pytest_twisted.ensureDeferred
@@ -345,11 +424,17 @@ async def test_lease_life(client: Client) -> None:
     alive = await client.post("/v3/lease/keepalive", {"ID": lease})
     assert alive["result"]["ID"] == str(lease) and alive["result"]["TTL"] == "30"
 
+    await client.put("held too", lease=lease)
+    before = int((await client.post("/v3/kv/range", {"key": b64(client.key("x"))}))[
+        "header"]["revision"])
     revoked = await client.post("/v3/lease/revoke", {"ID": lease})
     assert set(revoked) == {"header"}
     assert await client.names() == ["plain"]
-    await wait_for(lambda: [t for t, *_ in stream.events()] == ["PUT", "DELETE"])
-    assert stream.events()[1][:2] == ("DELETE", "held")
+    after = await client.post("/v3/kv/range", {"key": b64(client.key("x"))})
+    assert int(after["header"]["revision"]) == before + 1, "both keys go in one revision"
+    await wait_for(lambda: [t for t, *_ in stream.events()] == ["PUT", "PUT", "DELETE",
+                                                                "DELETE"])
+    assert [e[:2] for e in stream.events()[2:]] == [("DELETE", "held"), ("DELETE", "held too")]
 
     again = await client.error("/v3/lease/revoke", {"ID": lease})
     assert (again.status, again.code) == (404, 5)

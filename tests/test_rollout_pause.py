@@ -1,6 +1,6 @@
 """Paused rollouts (:mod:`deployer.rollout.pause`): the in-memory kind and the etcd kind (on
-the in-memory etcd) held to the same tests; tests/test_rollout_real.py runs the etcd kind on a
-real member."""
+the in-memory etcd, through the daemon's etcd client) held to the same tests;
+tests/test_rollout_real.py runs the etcd kind on a real member."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from deployer.reference import InvalidReference
-from deployer.rollout.gateway import b64
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.pause import EtcdPauses, MemoryPauses, PauseRecord, Pauses
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import Link
+from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
 
 APP = "myorg/app:qa"
@@ -24,7 +24,7 @@ KEYS = RolloutKeys("/deployer/")
 class Store:
     """A Pauses and a way to count what was written to it."""
 
-    def __init__(self, pauses: Pauses, writes: Callable[[], int], etcd: MemoryEtcd | None) -> None:
+    def __init__(self, pauses: Pauses, writes: Callable[[], int], etcd: FakeEtcd | None) -> None:
         self.pauses = pauses
         self.writes = writes
         self.etcd = etcd
@@ -36,8 +36,9 @@ def memory() -> Store:
 
 
 def in_etcd() -> Store:
-    etcd = MemoryEtcd(Clock())
-    return Store(EtcdPauses(etcd, KEYS), lambda: etcd.revision, etcd)
+    clock = Clock()
+    fake = FakeEtcd(clock, progress_interval=None)
+    return Store(EtcdPauses(Link(fake, clock).etcd, KEYS), lambda: fake.revision, fake)
 
 
 @pytest.fixture(params=[memory, in_etcd], ids=["memory", "etcd"])
@@ -113,7 +114,7 @@ def test_record_json_round_trip_and_refusals() -> None:
 def test_an_unreadable_pause_key_still_pauses() -> None:
     store = in_etcd()
     assert store.etcd is not None
-    fired(store.etcd.request("/v3/kv/put", {"key": b64(KEYS.paused(APP)), "value": b64("stop")}))
+    store.etcd.put(KEYS.paused(APP).encode(), b"stop")
     record = fired(store.pauses.get(APP))
     assert record is not None and "unreadable" in record.reason and "stop" in record.reason
     assert APP in fired(store.pauses.all())
@@ -127,4 +128,4 @@ def test_pause_keys_are_not_lease_bound_and_hold_the_record() -> None:
     fired(store.pauses.pause(BAD))
     kv = store.etcd.kvs[b"/deployer/_/paused/myorg/app:qa"]
     assert kv.lease == 0
-    assert store.etcd.get("/deployer/_/paused/myorg/app:qa") == BAD.to_json()
+    assert store.etcd.value("/deployer/_/paused/myorg/app:qa") == BAD.to_json()

@@ -1,5 +1,7 @@
 """Rollout slots, leases, pauses and host status on real etcd 3.4 (tests/stack/etcd_stack.py):
-several simulated hosts in this process, each with its own connection pool, lease and slots."""
+several simulated hosts in this process, each with the daemon's own etcd client (its own
+connection pool), lease and slots. A host whose network is to be cut reaches etcd through a TCP
+proxy of its own."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
+from deployer.etcd import Etcd, EtcdConfig
 from deployer.rollout.fleet import FleetSlots
 from deployer.rollout.gateway import get_prefix
 from deployer.rollout.keys import RolloutKeys
@@ -21,9 +24,8 @@ from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.pause import EtcdPauses, PauseRecord
 from deployer.rollout.slots import Slot
 from deployer.rollout.status import AppState, EtcdStatus, StatusPublisher
-from deployer.rollout.testing import Switch, TreqGateway
 from deployer.timeouts import cancel_after
-from tests.stack.etcd_stack import EtcdCluster, EtcdMember, current_revision, etcdctl
+from tests.stack.etcd_stack import EtcdCluster, EtcdMember, TCPProxy, current_revision, etcdctl
 
 pytestmark = pytest.mark.real
 
@@ -56,33 +58,57 @@ def in_thread(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return deferToThread(f, *args)
 
 
-class Host:
-    """One simulated host: its own gateway (a pool), a switch to cut it off, lease, slots and
-    status publisher."""
+def client(urls: list[str]) -> Etcd:
+    """The daemon's etcd client, as a host in fleet mode has it."""
+    return Etcd(reactor, EtcdConfig(nodes=tuple(urls), dial_timeout=1.0))
 
-    def __init__(self, name: str, urls: list[str], prefix: str, limit: int) -> None:
+
+class Host:
+    """One simulated host: its etcd client (a pool of its own), lease, slots and status
+    publisher. With a ``proxy`` (to the one member in ``urls``) its network can be cut."""
+
+    def __init__(self, name: str, urls: list[str], prefix: str, limit: int,
+                 proxy: TCPProxy | None = None) -> None:
         self.name = name
-        self.gateway = TreqGateway(reactor, urls, timeout=1.0)
-        self.switch = Switch(self.gateway)
+        self.proxy = proxy
+        self.etcd = client([proxy.url] if proxy is not None else urls)
         self.keys = RolloutKeys(prefix)
-        self.keeper = LeaseKeeper(self.switch, reactor, ttl=TTL, request_timeout=2.0)
+        self.keeper = LeaseKeeper(self.etcd, reactor, ttl=TTL, request_timeout=2.0)
         self.slots = FleetSlots(
-            self.switch, self.keeper, self.keys, reactor, hostname=name, limit=limit
+            self.etcd, self.keeper, self.keys, reactor, hostname=name, limit=limit
         )
-        self.status = StatusPublisher(self.switch, self.keeper, self.keys, reactor, name)
+        self.status = StatusPublisher(self.etcd, self.keeper, self.keys, reactor, name)
+
+    def cut(self) -> None:
+        """The host loses its network: open connections break, new ones are refused."""
+        assert self.proxy is not None, f"{self.name} has no proxy to cut"
+        self.proxy.block()
+
+    def reconnect(self) -> None:
+        assert self.proxy is not None
+        self.proxy.unblock()
 
     async def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.unblock()
         if self.keeper.running:
             await self.keeper.stopService()
-        await self.gateway.close()
+        await self.etcd.close()
 
 
 class Fleet:
     def __init__(self) -> None:
         self.hosts: list[Host] = []
 
-    async def start(self, count: int, urls: list[str], prefix: str, limit: int = 1) -> list[Host]:
-        hosts = [Host(f"h{i}", urls, prefix, limit) for i in range(count)]
+    async def start(self, count: int, urls: list[str], prefix: str, limit: int = 1,
+                    proxy: Callable[..., TCPProxy] | None = None) -> list[Host]:
+        """``count`` hosts; with ``proxy`` (the ``tcp_proxy`` fixture), each behind its own
+        proxy to ``urls[0]``."""
+        hosts = [
+            Host(f"h{i}", urls, prefix, limit,
+                 proxy(urls[0], byte_by_byte=False) if proxy is not None else None)
+            for i in range(count)
+        ]
         self.hosts += hosts
         for host in hosts:
             host.keeper.startService()
@@ -149,7 +175,7 @@ async def ask_in_order(hosts: list[Host], order: list[int], record: Recorder,
 
 async def slot_keys(host: Host) -> list[str]:
     """The app's slot keys in etcd, in the order of the line."""
-    _, kvs = await get_prefix(host.gateway, host.keys.slots(APP), sort_order="ASCEND",
+    _, kvs = await get_prefix(host.etcd, host.keys.slots(APP), sort_order="ASCEND",
                               sort_target="CREATE")
     return [kv.key for kv in kvs]
 
@@ -190,16 +216,16 @@ async def test_max_unavailable_two_holds_two_at_once_never_three(
 
 @pytest_twisted.ensureDeferred
 async def test_a_holder_cut_off_frees_its_slot_after_the_ttl(
-    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet, tcp_proxy: Callable[..., TCPProxy]
 ) -> None:
-    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix)
+    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix, proxy=tcp_proxy)
     held = await h0.slots.acquire(APP, "web")
     lease = h0.keeper.current
     assert lease is not None and held.lease is lease
     waiting = h1.slots.acquire(APP, "web")
     await wait_for(lambda: h1.slots.polls > 0, what="h1 to wait")
     cut = now()
-    h0.switch.cut = True  # as if the host froze or lost its network: no more keepalives
+    h0.cut()  # as if the host lost its network: no more keepalives
     slot = await with_timeout(waiting, 10)
     took = now() - cut
     assert TTL * 2 / 3 - 0.2 < took < TTL + 2.0
@@ -216,7 +242,7 @@ async def test_a_holder_cut_off_frees_its_slot_after_the_ttl(
     await slot.release()
     await sleep(0.5)
     assert not again.called
-    h0.switch.cut = False
+    h0.reconnect()
     renewed = await with_timeout(again, 10)
     assert renewed.lease is not None and renewed.lease is not lease and not renewed.lost
     await renewed.release()
@@ -266,8 +292,8 @@ async def test_giving_up_a_wait_deletes_the_key(
 async def test_pause_round_trip_and_resume_of_an_app_not_paused(
     etcd: EtcdMember, etcd_prefix: str
 ) -> None:
-    gateway = TreqGateway(reactor, [etcd.client_url])
-    pauses = EtcdPauses(gateway, RolloutKeys(etcd_prefix))
+    etcd_client = client([etcd.client_url])
+    pauses = EtcdPauses(etcd_client, RolloutKeys(etcd_prefix))
     try:
         record = PauseRecord(APP, IMAGE, "sha256:" + "d" * 64, "h1", "unhealthy", 1.7e9)
         assert await pauses.pause(record) is True
@@ -286,14 +312,14 @@ async def test_pause_round_trip_and_resume_of_an_app_not_paused(
         assert await pauses.resume(APP) is True
         assert await pauses.all() == {}
     finally:
-        await gateway.close()
+        await etcd_client.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_host_status_is_published_collected_and_goes_with_the_host(
-    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet, tcp_proxy: Callable[..., TCPProxy]
 ) -> None:
-    hosts = await fleet.start(3, [etcd.client_url], etcd_prefix)
+    hosts = await fleet.start(3, [etcd.client_url], etcd_prefix, proxy=tcp_proxy)
     for i, host in enumerate(hosts):
         await host.status.publish(
             {APP: AppState(IMAGE if i else "sha256:" + "0" * 64, None, ("web",), "healthy",
@@ -302,8 +328,8 @@ async def test_host_status_is_published_collected_and_goes_with_the_host(
     held = await hosts[1].slots.acquire(APP, "web")
     waiting = hosts[2].slots.acquire(APP, "web")
     await wait_for(lambda: hosts[2].slots.polls > 0)
-    gateway = TreqGateway(reactor, [etcd.client_url])
-    status = EtcdStatus(gateway, RolloutKeys(etcd_prefix), reactor, limit=1)
+    etcd_client = client([etcd.client_url])
+    status = EtcdStatus(etcd_client, RolloutKeys(etcd_prefix), reactor, limit=1)
     try:
         doc = await status.document()
         assert sorted(doc["hosts"]) == ["h0", "h1", "h2"]
@@ -312,7 +338,7 @@ async def test_host_status_is_published_collected_and_goes_with_the_host(
         assert [e["host"] for e in app["replacing"]] == ["h1"]
         assert [e["host"] for e in app["waiting"]] == ["h2"]
         assert app["paused"] is None
-        hosts[2].switch.cut = True  # h2 goes: its status and its place in line expire
+        hosts[2].cut()  # h2 goes: its status and its place in line expire
         await wait_for(lambda: not hosts[2].keeper.held, timeout=TTL + 3)
         await sleep(1.0)  # etcd's own expiry runs every 500 ms
         doc = await status.document()
@@ -322,7 +348,7 @@ async def test_host_status_is_published_collected_and_goes_with_the_host(
         waiting.cancel()
         waiting.addErrback(lambda f: None)
         await held.release()
-        await gateway.close()
+        await etcd_client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -355,7 +381,7 @@ async def test_fifty_hosts_three_at_a_time(
     took = now() - started
     assert record.most == 3
     assert sorted(record.order) == sorted(h.name for h in hosts)
-    polls = sum(h.switch.paths.count("/v3/kv/range") for h in hosts)
+    polls = sum(h.slots.polls for h in hosts)
     print(f"50 hosts, 3 at a time, 0.2 s each: {took:.2f} s (ideal {50 / 3 * 0.2:.2f} s),"
           f" {polls} queue reads ({polls / took:.0f}/s)")
     assert took < 50 / 3 * 0.2 * 2

@@ -1,5 +1,6 @@
 """Rollout slots (:mod:`deployer.rollout.slots`, :mod:`deployer.rollout.fleet`): in-process,
-and shared by simulated hosts through the in-memory etcd, on a Clock."""
+and shared by simulated hosts through the in-memory etcd (each with its own etcd client), on a
+Clock."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots
-from deployer.rollout.gateway import KV_RANGE, KV_TXN, b64
+from deployer.rollout.gateway import KV_RANGE, KV_TXN, LEASE_GRANT, Gateway
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.slots import LocalSlots, Slot
-from deployer.rollout.testing import MemoryEtcd, Switch
+from deployer.rollout.testing import Link
+from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
 
 APP = "myorg/app:qa"
@@ -108,22 +110,23 @@ def test_negative_limits_are_refused() -> None:
 
 
 class Host:
-    def __init__(self, name: str, etcd: MemoryEtcd, clock: Clock, limit: int) -> None:
+    def __init__(self, name: str, fake: FakeEtcd, clock: Clock, limit: int) -> None:
         self.name = name
-        self.link = Switch(etcd)
-        self.keeper = LeaseKeeper(self.link, clock, ttl=TTL)
-        self.slots = FleetSlots(self.link, self.keeper, KEYS, clock, hostname=name, limit=limit)
+        self.link = Link(fake, clock)
+        self.keeper = LeaseKeeper(self.link.etcd, clock, ttl=TTL)
+        self.slots = FleetSlots(self.link.etcd, self.keeper, KEYS, clock, hostname=name,
+                                limit=limit)
         self.keeper.startService()
 
 
 class Fleet:
     def __init__(self, limit: int = 1, hosts: int = 3) -> None:
         self.clock = Clock()
-        self.etcd = MemoryEtcd(self.clock)
-        self.hosts = [Host(f"h{i}", self.etcd, self.clock, limit) for i in range(hosts)]
+        self.fake = FakeEtcd(self.clock, progress_interval=None)
+        self.hosts = [Host(f"h{i}", self.fake, self.clock, limit) for i in range(hosts)]
 
     def slot_keys(self, app: str = APP) -> list[str]:
-        return self.etcd.keys(KEYS.slots(app))
+        return self.fake.keys(KEYS.slots(app))
 
     def holders(self, got: dict[str, Deferred[Slot]]) -> set[str]:
         return {name for name, d in got.items() if d.called}
@@ -173,8 +176,8 @@ def test_slot_value_names_host_container_and_time(fleet: Fleet) -> None:
     lease = fleet.hosts[0].keeper.current
     assert lease is not None and slot.lease is lease
     assert slot.key == f"{PREFIX}/_/rollout/{APP}/{lease.hex}"
-    assert fleet.etcd.get(slot.key) == {"host": "h0", "container": "web-1", "since": 100.0}
-    assert fleet.etcd.kvs[slot.key.encode()].lease == lease.id
+    assert fleet.fake.value(slot.key) == {"host": "h0", "container": "web-1", "since": 100.0}
+    assert fleet.fake.kvs[slot.key.encode()].lease == lease.id
 
 
 def test_max_unavailable_two_lets_two_hold_at_once() -> None:
@@ -213,7 +216,7 @@ def test_a_host_takes_one_slot_of_an_app_at_a_time(fleet: Fleet) -> None:
     advance(fleet.clock, NEXT)
     slot = fired(second)
     assert slot.container == "web-2" and slot.waited == pytest.approx(1 + 2 * NEXT, abs=0.15)
-    assert fleet.etcd.get(str(slot.key))["container"] == "web-2"
+    assert fleet.fake.value(str(slot.key))["container"] == "web-2"
 
 
 def test_giving_up_a_wait_deletes_the_key_and_the_next_moves_up(fleet: Fleet) -> None:
@@ -229,10 +232,10 @@ def test_giving_up_a_wait_deletes_the_key_and_the_next_moves_up(fleet: Fleet) ->
 
 def test_no_limit_asks_nothing_of_etcd() -> None:
     fleet = Fleet(limit=0)
-    before = len(fleet.etcd.requests)
+    before = len(fleet.fake.requests)
     got = ask(fleet, [0, 1, 2])
     assert fleet.holders(got) == {"h0", "h1", "h2"}
-    assert len(fleet.etcd.requests) == before
+    assert len(fleet.fake.requests) == before
     fleet.stop()
 
 
@@ -264,7 +267,7 @@ def test_a_lease_revoked_while_waiting_queues_again_with_a_new_one(fleet: Fleet)
     got = ask(fleet, [0, 1, 2])
     waiter = fleet.hosts[1].keeper.current
     assert waiter is not None
-    fired(fleet.etcd.request("/v3/lease/revoke", {"ID": str(waiter.id)}))
+    fleet.fake.revoke(waiter.id)  # as etcdctl lease revoke
     advance(fleet.clock, TTL)
     assert not waiter.alive
     renewed = fleet.hosts[1].keeper.current
@@ -284,7 +287,7 @@ def test_a_key_deleted_by_hand_while_waiting_queues_again(fleet: Fleet) -> None:
     got = ask(fleet, [0, 1])
     lease = fleet.hosts[1].keeper.current
     assert lease is not None
-    fired(fleet.etcd.request("/v3/kv/deleterange", {"key": b64(KEYS.slot(APP, lease.id))}))
+    fleet.fake.delete(KEYS.slot(APP, lease.id).encode())  # as etcdctl del
     advance(fleet.clock, 3)
     assert len(fleet.slot_keys()) == 2  # queued again
     fired(fired(got["h0"]).release())
@@ -316,23 +319,28 @@ def test_a_release_that_fails_is_retried_while_the_lease_lives(fleet: Fleet) -> 
     assert not holder.lost
 
 
+def polls_in(fleet: Fleet, seconds: float) -> list[int]:
+    """How many times each host reads its app's queue in the next ``seconds``."""
+    before = [h.link.count(KV_RANGE) for h in fleet.hosts]
+    advance(fleet.clock, seconds, step=0.01)
+    return [h.link.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+
+
 def test_waiters_far_back_look_less_often() -> None:
     fleet = Fleet(limit=1, hosts=10)
     ask(fleet, list(range(10)))
-    before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
-    advance(fleet.clock, 10, step=0.01)
-    polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    polls = polls_in(fleet, 10)
     # the holder looks no more; the next in line every POLL_INTERVAL, the second every two,
     # ... never less often than every MAX_POLL_INTERVAL
     expected = [0] + [10 / min(MAX_POLL_INTERVAL, POLL_INTERVAL * n) for n in range(1, 10)]
     assert polls == pytest.approx(expected, rel=0.1, abs=1)
-    assert fleet.etcd.count(KV_TXN) == 10  # one write each: waiting writes nothing
+    assert fleet.fake.count(KV_TXN) == 10  # one write each: waiting writes nothing
     fleet.stop()
 
 
 def test_nudge_looks_at_once(fleet: Fleet) -> None:
     got = ask(fleet, [0, 1])
-    fired(fleet.etcd.request("/v3/kv/deleterange", {"key": b64(str(fired(got["h0"]).key))}))
+    fleet.fake.delete(str(fired(got["h0"]).key).encode())
     fleet.hosts[1].slots.nudge(APP)
     assert got["h1"].called
 
@@ -344,48 +352,55 @@ def test_an_app_whose_name_begins_another_does_not_share_its_queue(fleet: Fleet)
     assert held.key is not None and held.key.startswith(KEYS.slots(short))
 
 
-
-
 def test_a_lease_etcd_forgot_is_replaced_when_taking_a_slot(fleet: Fleet) -> None:
     host = fleet.hosts[0]
     old = host.keeper.current
     assert old is not None
-    del fleet.etcd.leases[old.id]  # gone in etcd; the keeper learns at the next keepalive
+    fleet.fake.revoke(old.id)  # gone in etcd; the keeper learns at the next keepalive
     slot = fired(host.slots.acquire(APP, "web"))
     assert not old.alive and "seen taking a slot" in str(old.lost_reason)
     assert slot.lease is host.keeper.current and slot.lease is not old
     assert fleet.slot_keys() == [slot.key]
 
 
-def test_a_lease_lost_as_soon_as_granted_is_not_used(fleet: Fleet) -> None:
-    host = fleet.hosts[0]
-    fired(host.keeper.stopService())
-    waiting = host.slots.acquire(APP, "web")
-    forget_next = [True]
-    real = fleet.etcd._grant
+class Phantom:
+    """A gateway after which etcd forgets the next lease it grants at once (as if it expired
+    before anyone used it)."""
 
-    def phantom(etcd: MemoryEtcd, body: dict[str, Any]) -> dict[str, Any]:
-        answer = real(body)
-        if forget_next:
-            forget_next.clear()
-            del etcd.leases[int(answer["ID"])]  # granted, and gone at once (as if it expired)
+    def __init__(self, gateway: Gateway, fake: FakeEtcd) -> None:
+        self.gateway = gateway
+        self.fake = fake
+        self.armed = True
+
+    async def request(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        answer = await self.gateway.request(path, body)
+        if path == LEASE_GRANT and self.armed:
+            self.armed = False
+            self.fake.revoke(int(answer["ID"]))
         return answer
 
-    fleet.etcd._paths = {**MemoryEtcd._paths, "/v3/lease/grant": phantom}
-    fleet.etcd.max_requests = len(fleet.etcd.requests) + 50  # a spin fails, not hangs
-    host.keeper.startService()  # the waiter hears of the phantom lease first
+
+def test_a_lease_lost_as_soon_as_granted_is_not_used() -> None:
+    clock = Clock()
+    fake = FakeEtcd(clock, progress_interval=None)
+    gateway = Phantom(Link(fake, clock).etcd, fake)
+    keeper = LeaseKeeper(gateway, clock, ttl=TTL)
+    slots = FleetSlots(gateway, keeper, KEYS, clock, hostname="h0")
+    waiting = slots.acquire(APP, "web")
+    fake.max_requests = 50  # a spin fails, not hangs
+    keeper.startService()  # the waiter hears of the phantom lease first
     slot = fired(waiting)
-    assert host.keeper.grants == 3 and host.keeper.losses == 2  # stopped once, phantom once
-    assert slot.lease is host.keeper.current and slot.lease is not None
-    assert slot.lease.id in fleet.etcd.leases
+    assert keeper.grants == 2 and keeper.losses == 1
+    assert slot.lease is keeper.current and slot.lease is not None
+    assert slot.lease.id in fake.leases
+    assert fake.keys(KEYS.slots(APP)) == [slot.key]
+    keeper.stopService()
 
 
 def test_with_two_at_a_time_the_two_next_in_line_look_often() -> None:
     fleet = Fleet(limit=2, hosts=6)
     ask(fleet, list(range(6)))
-    before = [h.link.paths.count(KV_RANGE) for h in fleet.hosts]
-    advance(fleet.clock, 10, step=0.01)
-    polls = [h.link.paths.count(KV_RANGE) - b for h, b in zip(fleet.hosts, before, strict=True)]
+    polls = polls_in(fleet, 10)
     # h0 and h1 hold; h2 and h3 are one release away, h4 and h5 two
     expected = [0, 0] + [10 / POLL_INTERVAL] * 2 + [10 / (2 * POLL_INTERVAL)] * 2
     assert polls == pytest.approx(expected, rel=0.1, abs=1)

@@ -1,5 +1,5 @@
 """Host status and the ``/status`` document (:mod:`deployer.rollout.status`) on the in-memory
-etcd, with a Clock."""
+etcd through the daemon's etcd client, with a Clock."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from deployer.errors import EtcdUnavailable
 from deployer.rollout.fleet import FleetSlots
-from deployer.rollout.gateway import KV_PUT, b64
+from deployer.rollout.gateway import KV_PUT
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.pause import EtcdPauses, MemoryPauses, PauseRecord
@@ -25,7 +25,8 @@ from deployer.rollout.status import (
     StatusPublisher,
     build_document,
 )
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import MEMBERS, Link
+from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
 
 APP = "myorg/app:qa"
@@ -88,8 +89,12 @@ def test_the_document_groups_hosts_by_image_and_shows_the_line() -> None:
     assert gone["paused"] == pause.to_json() and gone["hosts"] == {} and gone["images"] == []
 
 
+(MEMBER,) = MEMBERS
+
+
 class Host:
-    def __init__(self, name: str, etcd: MemoryEtcd, clock: Clock) -> None:
+    def __init__(self, name: str, fake: FakeEtcd, clock: Clock) -> None:
+        etcd = Link(fake, clock).etcd
         self.keeper = LeaseKeeper(etcd, clock, ttl=TTL)
         self.status = StatusPublisher(etcd, self.keeper, KEYS, clock, name)
         self.slots = FleetSlots(etcd, self.keeper, KEYS, clock, hostname=name)
@@ -97,49 +102,50 @@ class Host:
 
 def test_publisher_writes_when_the_state_changes_bound_to_the_lease() -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
-    host = Host("h1", etcd, clock)
+    fake = FakeEtcd(clock, progress_interval=None)
+    host = Host("h1", fake, clock)
     fired(host.status.publish({APP: state()}))  # no lease yet: written once one is granted
-    assert etcd.count(KV_PUT) == 0
+    assert fake.count(KV_PUT) == 0
     host.keeper.startService()
     lease = host.keeper.current
     assert lease is not None
-    assert etcd.get("/fleet/_/hosts/h1") == {"host": "h1", "time": 0.0,
-                                            "apps": {APP: state().to_json()}}
-    assert etcd.kvs[b"/fleet/_/hosts/h1"].lease == lease.id
+    assert fake.value("/fleet/_/hosts/h1") == {"host": "h1", "time": 0.0,
+                                               "apps": {APP: state().to_json()}}
+    assert fake.kvs[b"/fleet/_/hosts/h1"].lease == lease.id
     clock.advance(1)
     fired(host.status.publish({APP: state()}))  # unchanged: nothing written
-    assert etcd.count(KV_PUT) == 1
+    assert fake.count(KV_PUT) == 1
     fired(host.status.publish({APP: state(NEW)}))
-    assert etcd.count(KV_PUT) == 2
-    assert etcd.get("/fleet/_/hosts/h1")["apps"][APP]["image_id"] == NEW
+    assert fake.count(KV_PUT) == 2
+    assert fake.value("/fleet/_/hosts/h1")["apps"][APP]["image_id"] == NEW
     host.keeper.invalidate(lease, "gone")  # a new lease: published again under it
     renewed = host.keeper.current
-    assert renewed is not None and etcd.kvs[b"/fleet/_/hosts/h1"].lease == renewed.id
-    assert etcd.count(KV_PUT) == 3
+    assert renewed is not None and fake.kvs[b"/fleet/_/hosts/h1"].lease == renewed.id
+    assert fake.count(KV_PUT) == 3
     fired(host.keeper.stopService())  # revoked: the key goes with the lease
-    assert etcd.get("/fleet/_/hosts/h1") is None
+    assert fake.value("/fleet/_/hosts/h1") is None
 
 
 def test_publisher_retries_a_failed_write_and_keeps_the_newest() -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
-    host = Host("h1", etcd, clock)
+    fake = FakeEtcd(clock, progress_interval=None)
+    host = Host("h1", fake, clock)
     host.keeper.startService()
-    etcd.down = True
+    fake.down.add(MEMBER)
     fired(host.status.publish({APP: state(OLD)}))
     fired(host.status.publish({APP: state(NEW)}))
-    etcd.down = False
+    fake.down.clear()
     clock.advance(2.0)
-    assert etcd.get("/fleet/_/hosts/h1")["apps"][APP]["image_id"] == NEW
+    assert fake.value("/fleet/_/hosts/h1")["apps"][APP]["image_id"] == NEW
     assert host.status.writes == 1
     host.keeper.stopService()
 
 
 def test_the_fleet_document_from_etcd() -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
-    hosts = {name: Host(name, etcd, clock) for name in ("h1", "h2", "h3")}
+    fake = FakeEtcd(clock, progress_interval=None)
+    etcd = Link(fake, clock).etcd
+    hosts = {name: Host(name, fake, clock) for name in ("h1", "h2", "h3")}
     for host in hosts.values():
         host.keeper.startService()
     fired(hosts["h1"].status.publish({APP: state(NEW, digest=DIGEST)}))
@@ -161,10 +167,10 @@ def test_the_fleet_document_from_etcd() -> None:
     assert app["paused"] is None
     assert doc["apps"][OTHER]["paused"] == pause.to_json()
     # a host that is gone is gone from the document once its lease expires
-    etcd.down = True  # nobody keeps a lease alive: all expire
+    fake.down.add(MEMBER)  # nobody keeps a lease alive: all expire
     clock.advance(TTL + 1)
-    etcd.down = False
-    etcd.expire()
+    fake.down.clear()
+    assert not fake.leases
     waiting.cancel()
     waiting.addErrback(lambda f: f.trap(CancelledError))
     doc = fired(EtcdStatus(etcd, KEYS, clock).document())
@@ -176,11 +182,11 @@ def test_the_fleet_document_from_etcd() -> None:
 
 def test_unreadable_entries_are_skipped_or_kept_paused() -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
-    for key, value in (("/fleet/_/hosts/h1", "garbage"), ("/fleet/_/paused/x:1", "garbage"),
-                       ("/fleet/_/rollout/x:1/abc", "garbage"), ("/fleet/_/hosts/a/b", "{}")):
-        fired(etcd.request("/v3/kv/put", {"key": b64(key), "value": b64(value)}))
-    doc = fired(EtcdStatus(etcd, KEYS, clock).document())
+    fake = FakeEtcd(clock, progress_interval=None)
+    for key, value in ((b"/fleet/_/hosts/h1", b"garbage"), (b"/fleet/_/paused/x:1", b"garbage"),
+                       (b"/fleet/_/rollout/x:1/abc", b"garbage"), (b"/fleet/_/hosts/a/b", b"{}")):
+        fake.put(key, value)
+    doc = fired(EtcdStatus(Link(fake, clock).etcd, KEYS, clock).document())
     assert doc["hosts"] == {}
     assert "unreadable" in doc["apps"]["x:1"]["paused"]["reason"]
     assert doc["apps"]["x:1"]["replacing"] == [
@@ -208,7 +214,7 @@ def test_the_standalone_document() -> None:
 
 def test_the_document_fails_with_etcds_own_error() -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
-    etcd.down = True
-    with pytest.raises(EtcdUnavailable):
-        fired(EtcdStatus(etcd, KEYS, clock).document())
+    fake = FakeEtcd(clock, progress_interval=None)
+    fake.down.add(MEMBER)
+    with pytest.raises(EtcdUnavailable, match="no etcd member answered"):
+        fired(EtcdStatus(Link(fake, clock).etcd, KEYS, clock).document())

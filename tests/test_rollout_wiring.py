@@ -9,7 +9,8 @@ from twisted.internet.task import Clock
 from deployer.rollout import wiring
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.status import AppState
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import Link
+from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
 
 APP = "myorg/app:qa"
@@ -19,8 +20,9 @@ OLD, NEW = "sha256:" + "0" * 64, "sha256:" + "1" * 64
 @pytest.mark.parametrize("mode", ["fleet", "standalone"])
 def test_a_round_seen_in_the_status_document(mode: str) -> None:
     clock = Clock()
-    etcd = MemoryEtcd(clock)
+    fake = FakeEtcd(clock, progress_interval=None)
     if mode == "fleet":
+        etcd = Link(fake, clock).etcd
         parts = wiring.fleet(etcd, clock, prefix="/d", hostname="h1", max_unavailable=1, ttl=6)
         assert parts.keeper is not None
         parts.keeper.startService()
@@ -40,4 +42,4 @@ def test_a_round_seen_in_the_status_document(mode: str) -> None:
     assert doc["apps"][APP]["replacing"] == []
     if parts.keeper is not None:
         fired(parts.keeper.stopService())
-        assert etcd.keys("/d/_/") == ["/d/_/paused/myorg/app:qa"]  # a pause outlives the host
+        assert fake.keys("/d/_/") == ["/d/_/paused/myorg/app:qa"]  # a pause outlives the host

@@ -22,7 +22,8 @@ The modules, one job each:
 :mod:`~deployer.rollout.wiring`
     The parts put together for fleet or standalone mode.
 :mod:`~deployer.rollout.testing`
-    A gateway over real etcd members for tests, and an in-memory etcd for fast tests.
+    A simulated host's link to the in-memory etcd (:mod:`deployer.testing.fake_etcd`) through
+    the daemon's own etcd client, for tests.
 
 Keys (``<prefix>`` is ``--etcd_prefix`` without a trailing slash; ``<app>`` is ``repo:tag`` in
 its familiar form, e.g. ``myorg/app:qa`` or ``127.0.0.1:5000/myorg/app:qa``)::

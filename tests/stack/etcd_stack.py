@@ -48,19 +48,19 @@ import attrs
 import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.web.client import URI
-from twisted.web.iweb import IAgent, IBodyProducer
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from deployer.etcd import Etcd, EtcdConfig, WatchService
 from deployer.model import Update
-from deployer.testing.fake_etcd import FakeEtcd
+from deployer.testing.fake_etcd import FakeEtcd, SyncProducer
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
@@ -493,28 +493,6 @@ def tcp_proxy() -> Iterator[Callable[..., TCPProxy]]:
 
 
 # -- the in-memory etcd -----------------------------------------------------------------------
-
-
-@implementer(IBodyProducer)
-class SyncProducer:
-    """Writes the whole body at once (treq's default producer needs a running reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
 
 
 @implementer(IAgent)
