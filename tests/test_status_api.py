@@ -2,7 +2,7 @@
 
 The web layer is driven through ``StubTreq`` (see test_webhook.py) over the rollout parts the
 daemon itself builds: :func:`deployer.rollout.wiring.fleet` over
-:class:`~deployer.rollout.testing.MemoryEtcd` (which can be down), and
+:class:`~deployer.testing.fake_etcd.FakeEtcd` (through the daemon's own etcd client), and
 :func:`~deployer.rollout.wiring.standalone`; a small fake where an answer must be one the
 rollout core does not give.
 """
@@ -30,7 +30,7 @@ from deployer.rollout.gateway import KV_PUT, b64
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.status import AppState, HostState
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import Link
 from deployer.status_page import (
     CONTENT_SECURITY_POLICY,
     REFRESH_SECONDS,
@@ -38,6 +38,7 @@ from deployer.status_page import (
     render_page,
 )
 from deployer.status_view import render_table
+from deployer.testing.fake_etcd import FakeEtcd
 from deployer.webhook import WebhookApp
 from tests.helpers import fired
 from tests.test_webhook import TOKEN, Answer, Front, authorization
@@ -62,18 +63,21 @@ class Fleet:
     """The fleet-mode rollout parts over an in-memory etcd, and a front door with them."""
 
     clock: Clock = attrs.field(factory=Clock)
-    etcd: MemoryEtcd = attrs.field(init=False)
+    etcd: FakeEtcd = attrs.field(init=False)
+    link: Link = attrs.field(init=False)
     rollouts: wiring.Rollouts = attrs.field(init=False)
     front: Front = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.clock.advance(NOW)
-        self.etcd = MemoryEtcd(self.clock)
-        self.rollouts = wiring.fleet(self.etcd, self.clock, prefix=PREFIX, hostname="host-a")
+        self.etcd = FakeEtcd(self.clock, progress_interval=None)
+        self.link = Link(self.etcd, self.clock)
+        self.rollouts = wiring.fleet(self.link.etcd, self.clock, prefix=PREFIX,
+                                     hostname="host-a")
         self.front = Front(rollouts=self.rollouts)
 
     def put(self, key: str, value: Any) -> None:
-        fired(self.etcd.request(KV_PUT, {"key": b64(key), "value": b64(json.dumps(value))}))
+        fired(self.link.etcd.request(KV_PUT, {"key": b64(key), "value": b64(json.dumps(value))}))
 
     def host(self, name: str, apps: dict[str, AppState]) -> None:
         """What ``name`` publishes that it runs (as its StatusPublisher would)."""
@@ -546,16 +550,19 @@ def test_the_content_security_policy_allows_the_page_itself_only(fleet: Fleet) -
 
 # -- etcd down, no rollouts ---------------------------------------------------------------------
 
+ETCD_DOWN = ("no etcd member answered {path} within 5s each: http://10.0.0.1:2379:"
+             " ConnectionRefusedError: Connection was refused by other side: 10.0.0.1: 2379.")
+
 
 @pytest.mark.parametrize("accept", [None, BROWSER])
 def test_status_when_etcd_is_down_is_503(fleet: Fleet, accept: str | None) -> None:
-    fleet.etcd.down = True
+    fleet.link.cut = True
     with capturedLogs() as events:
         answer = get_status(fleet.front, accept)
     assert answer.code == 503
-    assert answer.error == "no etcd member answered (memory etcd is down)"
+    assert answer.error == ETCD_DOWN.format(path="/v3/kv/range")
     assert [formatEvent(e) for e in events if e["log_level"].name == "error"] == [
-        "cannot answer /status: no etcd member answered (memory etcd is down)"]
+        "cannot answer /status: " + ETCD_DOWN.format(path="/v3/kv/range")]
     assert [e for e in events if "log_failure" in e] == []
 
 
@@ -672,11 +679,11 @@ def test_resume_needs_json(fleet: Fleet) -> None:
 
 def test_resume_when_etcd_is_down_is_503(fleet: Fleet) -> None:
     fleet.pause()
-    fleet.etcd.down = True
+    fleet.link.cut = True
     answer = resume(fleet.front, {"app": APP})
     assert answer.code == 503
-    assert answer.error == "no etcd member answered (memory etcd is down)"
-    fleet.etcd.down = False
+    assert answer.error == ETCD_DOWN.format(path="/v3/kv/txn")
+    fleet.link.cut = False
     assert KEYS.paused(APP) in fleet.etcd.keys()
 
 

@@ -30,9 +30,11 @@ from deployer.rollout.gateway import KV_PUT, b64
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.status import AppState, HostState
-from deployer.rollout.testing import MemoryEtcd
+from deployer.rollout.testing import Link
+from deployer.testing.fake_etcd import FakeEtcd
 from deployer.webhook import WebhookApp
 from tests.helpers import fired
+from tests.test_status_api import ETCD_DOWN
 from tests.test_status_view import RECORDED, TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +87,8 @@ class Daemon:
     """A daemon's front door on 127.0.0.1, with fleet rollout parts over an in-memory etcd."""
 
     url: str
-    etcd: MemoryEtcd
+    etcd: FakeEtcd
+    link: Link
     rollouts: wiring.Rollouts
     resource: Counting
 
@@ -106,8 +109,9 @@ def listen(resource: IResource) -> tuple[str, Any]:
 def daemon() -> Iterator[Daemon]:
     clock = Clock()
     clock.advance(NOW)
-    etcd = MemoryEtcd(clock)
-    rollouts = wiring.fleet(etcd, clock, prefix=PREFIX, hostname="host-a")
+    etcd = FakeEtcd(clock, progress_interval=None)
+    link = Link(etcd, clock)
+    rollouts = wiring.fleet(link.etcd, clock, prefix=PREFIX, hostname="host-a")
     fired(rollouts.publish({}))  # no lease yet: nothing is written
     app = WebhookApp(clock=clock, sink=None, health=None,  # type: ignore[arg-type]
                      auth=TokenAuth([TOKEN]), rollouts=rollouts)
@@ -115,10 +119,10 @@ def daemon() -> Iterator[Daemon]:
     url, port = listen(resource)
     state = HostState("host-a", NOW - 1, {APP: AppState(ID_GOOD, None, ("app",), "healthy",
                                                         NOW - 5, "ok")})
-    fired(etcd.request(KV_PUT, {"key": b64(KEYS.host("host-a")),
+    fired(link.etcd.request(KV_PUT, {"key": b64(KEYS.host("host-a")),
                                 "value": b64(json.dumps(state.to_json()))}))
     try:
-        yield Daemon(url, etcd, rollouts, resource)
+        yield Daemon(url, etcd, link, rollouts, resource)
     finally:
         pytest_twisted.blockon(port.stopListening())
 
@@ -201,10 +205,10 @@ async def test_status_errors_are_one_line(daemon: Daemon, recorded: Any) -> None
     status_url = daemon.url + "/status"
     assert await cli("status", "--url", daemon.url, token=False) == (
         1, "", f"deployer status: {status_url} answered HTTP 401: missing token\n")
-    daemon.etcd.down = True
+    daemon.link.cut = True
     assert await cli("status", "--url", daemon.url) == (
-        1, "", f"deployer status: {status_url} answered HTTP 503: no etcd member answered"
-        " (memory etcd is down)\n")
+        1, "", f"deployer status: {status_url} answered HTTP 503: "
+        + ETCD_DOWN.format(path="/v3/kv/range") + "\n")
     url, _ = recorded(200, b"<html>not json</html>")
     code, out, err = await cli("status", "--url", url)
     assert (code, out) == (1, "")
@@ -257,11 +261,11 @@ async def test_resume_of_an_app_that_is_not_paused_exits_1(daemon: Daemon) -> No
 @pytest_twisted.ensureDeferred
 async def test_resume_when_etcd_is_down_exits_1(daemon: Daemon) -> None:
     daemon.pause()
-    daemon.etcd.down = True
+    daemon.link.cut = True
     assert await cli("resume", APP, "--url", daemon.url) == (
-        1, "", f"deployer resume: {daemon.url}/api/resume answered HTTP 503: no etcd member"
-        " answered (memory etcd is down)\n")
-    daemon.etcd.down = False
+        1, "", f"deployer resume: {daemon.url}/api/resume answered HTTP 503: "
+        + ETCD_DOWN.format(path="/v3/kv/txn") + "\n")
+    daemon.link.cut = False
     assert KEYS.paused(APP) in daemon.etcd.keys()
 
 

@@ -42,6 +42,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -66,6 +67,7 @@ EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
     ConnectionLost,
     ResponseFailed,
     ResponseNeverReceived,
+    RequestTransmissionFailed,
     TimeoutError,
     EtcdError,
 )
@@ -75,7 +77,7 @@ logged with its traceback."""
 
 def describe(failure: BaseException) -> str:
     """A one-line reason for logs and ``/healthz``."""
-    if isinstance(failure, ResponseFailed | ResponseNeverReceived):
+    if isinstance(failure, ResponseFailed | ResponseNeverReceived | RequestTransmissionFailed):
         inner = [r.getErrorMessage() for r in failure.reasons]
         return f"{type(failure).__name__}: {'; '.join(inner)}"
     if isinstance(failure, TimeoutError):
