@@ -145,6 +145,39 @@ async def test_a_docker_run_container_is_recreated_with_all_its_options(host: Ho
 
 
 @pytest_twisted.ensureDeferred
+async def test_commands_set_by_the_user_stay_and_image_defaults_follow_the_new_image(
+    host: Host,
+) -> None:
+    app = f"{unique('app')}:qa"
+    image = ['ENTRYPOINT ["/bin/sh"]', "WORKDIR /app", "ENV MODE=one"]
+    await host.build(build_image, app, "v1", changes=[*image, 'CMD ["/app/run.sh"]'])
+    defaults, cleared, command = unique("defaults"), unique("cleared"), unique("command")
+    await host.cli("run", "-d", "--name", defaults, app)
+    await host.cli("run", "-d", "--name", cleared, "--entrypoint", "", "-w", "/tmp", app,
+                   "/bin/sh", "/app/run.sh")
+    await host.cli("run", "-d", "--name", command, "-e", "MODE=mine", app,
+                   "-c", "exec /app/run.sh")
+    v2 = await host.build(build_image, app, "v2", changes=[
+        'ENTRYPOINT ["/bin/sh"]', "WORKDIR /", "ENV MODE=two",
+        'CMD ["-c", "sleep 0; exec /app/run.sh"]'])
+
+    for name in (defaults, cleared, command):
+        result = await host.replacer.replace(await host.replacement(name, app, v2))
+        assert isinstance(result, Ready), result
+
+    config = host.inspect(defaults)["Config"]
+    assert (config["Entrypoint"], config["Cmd"]) == (["/bin/sh"],
+                                                     ["-c", "sleep 0; exec /app/run.sh"])
+    assert config["WorkingDir"] == "/" and "MODE=two" in config["Env"]
+    config = host.inspect(cleared)["Config"]
+    assert (config["Entrypoint"], config["Cmd"]) == (None, ["/bin/sh", "/app/run.sh"])
+    assert config["WorkingDir"] == "/tmp"
+    config = host.inspect(command)["Config"]
+    assert (config["Entrypoint"], config["Cmd"]) == (["/bin/sh"], ["-c", "exec /app/run.sh"])
+    assert "MODE=mine" in config["Env"] and "MODE=two" not in config["Env"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_compose_container_keeps_its_labels(host: Host) -> None:
     app, name, project = f"{unique('app')}:qa", unique("demo-web"), unique("demo")
     network = unique("net")
