@@ -34,7 +34,13 @@ from twisted.logger import Logger
 
 from deployer.container_spec import ContainerSpec, container_spec, refusal
 from deployer.docker import DockerClient, Image
-from deployer.errors import DeployerError, DockerError, ImageNotFound, NotFound
+from deployer.errors import (
+    ContainerNotFound,
+    DeployerError,
+    DockerError,
+    ImageNotFound,
+    NotFound,
+)
 from deployer.events import EventSource
 from deployer.readiness import (
     NotReady,
@@ -155,8 +161,10 @@ class Plan:
 
 @attrs.define
 class _Done:
-    """How far a re-creation got: what there is to undo."""
+    """How far a re-creation got: what there is to undo. A step counts from the moment it is
+    asked of the engine: a request that failed or was cancelled may have been carried out."""
 
+    created: bool = False
     new_id: str | None = None
     stopped: bool = False
     renamed: bool = False
@@ -311,8 +319,14 @@ class RecreateReplacer:
     async def _recreate(self, plan: Plan, done: _Done) -> Readiness:
         engine, spec, new_image = self.engine, plan.spec, plan.replacement.new_image
         no_replacement = NotReadyReason.NO_REPLACEMENT
-        new_id = await self._step(done, "create", no_replacement,
-                                  engine.create(plan.new_name, spec.body))
+        done.created = True
+        try:
+            new_id = await self._step(done, "create", no_replacement,
+                                      engine.create(plan.new_name, spec.body))
+        except _StepFailed as e:
+            if isinstance(e.__cause__, DockerError) and e.__cause__.status:
+                done.created = False  # the engine answered: nothing was created
+            raise
         done.new_id = new_id
         created = await self._step(done, "inspect the new container", no_replacement,
                                    engine.inspect_container(new_id))
@@ -323,12 +337,12 @@ class RecreateReplacer:
         for network, endpoint in spec.connects:
             await self._step(done, f"connect to network {network}", no_replacement,
                              engine.connect(network, new_id, endpoint))
+        done.stopped = True
         await self._step(done, "stop the old container", no_replacement,
                          engine.stop(plan.old_id, plan.stop_timeout))
-        done.stopped = True
+        done.renamed = True
         await self._step(done, f"rename the old container to {plan.old_name}", no_replacement,
                          engine.rename(plan.old_id, plan.old_name))
-        done.renamed = True
         waiting = wait_ready(self.clock, engine, self.events, plan.name, new_image, self.rules)
         try:
             await self._step(done, f"rename the new container to {plan.name}", no_replacement,
@@ -362,12 +376,12 @@ class RecreateReplacer:
         tried even when one before it failed."""
         engine = self.engine
         problems: list[str] = []
-        if done.new_id is not None:
-            problems += await _attempt(f"remove the new container {done.new_id[:12]}",
-                                       engine.remove(done.new_id, force=True))
+        if done.created:
+            problems += await _attempt("remove the new container", self._remove_new(plan, done),
+                                       missing_ok=True)
         if done.renamed:
             problems += await _attempt(f"rename {plan.old_name} back to {plan.name}",
-                                       engine.rename(plan.old_id, plan.name))
+                                       self._name_back(plan))
         if done.stopped:
             problems += await _attempt(f"start {plan.name} again", engine.start(plan.old_id))
         if problems:
@@ -375,15 +389,32 @@ class RecreateReplacer:
                 "{name}: could not put the previous container {old} back: {problems}. By hand:"
                 " docker rm -f {new}; docker rename {old} {name}; docker start {name}",
                 name=plan.name, old=plan.old_id[:12], problems="; ".join(problems),
-                new=(done.new_id or "")[:12] or "(none)")
+                new=(done.new_id or plan.new_name)[:12])
         elif done.stopped:
             log.info("{name}: the previous container {old} runs again", name=plan.name,
                      old=plan.old_id[:12])
 
+    async def _remove_new(self, plan: Plan, done: _Done) -> None:
+        if done.new_id is not None:
+            await self.engine.remove(done.new_id, force=True)
+            return
+        # a create cut short may or may not have happened: remove what it would have made only
+        found = await self.engine.inspect_container(plan.new_name)
+        state = found.get("State") or {}
+        if state.get("Status") == "created" and found.get("Image") == plan.replacement.new_image:
+            await self.engine.remove(str(found.get("Id") or plan.new_name), force=True)
 
-async def _attempt(what: str, call: Awaitable[None]) -> list[str]:
+    async def _name_back(self, plan: Plan) -> None:
+        old = await self.engine.inspect_container(plan.old_id)
+        if str(old.get("Name") or "").lstrip("/") != plan.name:
+            await self.engine.rename(plan.old_id, plan.name)
+
+
+async def _attempt(what: str, call: Awaitable[None], missing_ok: bool = False) -> list[str]:
     try:
         await call
+    except ContainerNotFound:
+        return [] if missing_ok else [f"{what}: the container is gone"]
     except DockerError as e:
         return [f"{what}: {e}"]
     return []

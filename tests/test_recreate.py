@@ -330,7 +330,7 @@ def test_the_old_one_is_kept_when_it_cannot_be_removed(h: Host) -> None:
 @pytest.mark.parametrize(("method", "nth", "reason", "undo"), [
     ("create", 0, NotReadyReason.NO_REPLACEMENT, []),
     ("connect", 0, NotReadyReason.NO_REPLACEMENT, ["remove new"]),
-    ("stop", 0, NotReadyReason.NO_REPLACEMENT, ["remove new"]),
+    ("stop", 0, NotReadyReason.NO_REPLACEMENT, ["remove new", "start old"]),
     ("rename", 0, NotReadyReason.NO_REPLACEMENT, ["remove new", "start old"]),
     ("rename", 1, NotReadyReason.NO_REPLACEMENT, ["remove new", "rename old", "start old"]),
     ("start", 0, NotReadyReason.EXITED, ["remove new", "rename old", "start old"]),
@@ -365,6 +365,38 @@ def test_a_failing_step(h: Host, method: str, nth: int, reason: NotReadyReason,
 def _describe(h: Host, call: tuple[Any, ...]) -> str:
     who = "old" if call[1] == h.old_id else "new"
     return f"{call[0]} {who}"
+
+
+def _lost_answer(h: Host, method: str) -> None:
+    """``method`` is carried out, but its answer never arrives."""
+    original = getattr(h.engine, method)
+
+    async def carried_out(*args: Any) -> Any:
+        await original(*args)
+        raise DockerUnavailable(f"the engine did not answer: {method}")
+
+    setattr(h.engine, method, carried_out)
+
+
+@pytest.mark.parametrize("method", ["create", "stop", "rename"])
+def test_a_step_carried_out_without_an_answer_is_undone_too(h: Host, method: str) -> None:
+    _lost_answer(h, method)
+    with capturedLogs():
+        result = outcome(h.replace())
+    assert isinstance(result, NotReady) and "did not answer" in result.detail
+    h.put_back()
+
+
+def test_a_container_in_the_way_of_the_temporary_name_is_never_removed(h: Host) -> None:
+    other = h.engine.run(copy.deepcopy(SAMPLE["containers"]["plain"]), NEW_IMAGE)
+    other["Name"] = f"/web-deployer-new-{h.old_id[:12]}"
+    h.engine.failing["create"] = DockerUnavailable("the engine did not answer")
+    with capturedLogs():
+        result = outcome(h.replace())
+    assert isinstance(result, NotReady)
+    assert other["Id"] in h.engine.containers
+    assert [c for c in h.engine.calls if c[0] == "remove"] == []
+    assert h.engine.named()["web"] == (h.old_id, OLD_IMAGE, True)
 
 
 @pytest.mark.parametrize("health", [True, False])
