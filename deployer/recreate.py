@@ -221,6 +221,11 @@ class RecreateReplacer:
                      " container back", name=plan.name, step=done.step)
             await self._undo(plan, done)
             raise
+        except Exception:
+            log.failure("re-creating {name} failed at {step}; putting the previous container"
+                        " back", name=plan.name, step=done.step)
+            await self._undo(plan, done)
+            raise
         if result.ready:
             await self._remove_old(plan)
             log.info("re-created {name} on {image}: {ready}", name=plan.name,

@@ -454,6 +454,16 @@ def test_cancelled_while_waiting_puts_the_old_one_back(h: Host) -> None:
     h.put_back()
 
 
+def test_an_unexpected_error_is_logged_undone_and_raised(h: Host) -> None:
+    h.engine.failing["rename"] = ValueError("a bug")  # type: ignore[assignment]
+    with capturedLogs() as events:
+        failure = failure_of(h.replace())
+    assert failure.check(ValueError)
+    h.put_back()
+    assert any(e.get("log_failure") is not None and "a bug" in str(e["log_failure"].value)
+               for e in events)
+
+
 def test_when_the_engine_goes_away_nothing_is_removed_and_the_log_says_what_to_do(
     h: Host,
 ) -> None:
