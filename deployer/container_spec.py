@@ -34,7 +34,14 @@ out, so that the *new* image's defaults apply; what the user gave is kept:
 Some containers cannot be re-created safely; :func:`refusal` says why, and nothing is touched:
 one run with ``--rm`` (stopping it removes it, so it could not be put back), one that shares
 another container's network namespace (``--network container:X``), and one whose network
-namespace others share.
+namespace others share (they would be cut off, and they name it by id).
+
+Others follow Docker's own rules and are re-created: a container that others mount with
+``--volumes-from`` (volumes outlive their container, the followers mounted them by name, and the
+new container takes the anonymous ones over, so all of them keep sharing the same data), and one
+that uses ``--volumes-from``, ``--ipc container:X`` or ``--pid container:X`` itself (X stays).
+Not looked at: containers that join this one's IPC or PID namespace, and legacy ``--link`` s to
+it from other containers (the engine keeps both running, as it does for ``docker stop``).
 """
 
 from __future__ import annotations

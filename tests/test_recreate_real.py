@@ -300,6 +300,27 @@ async def test_containers_sharing_a_network_namespace_are_refused(host: Host) ->
     assert host.names() == sorted([first, follower])
 
 
+@pytest_twisted.ensureDeferred
+async def test_volumes_from_followers_keep_sharing_the_volumes(host: Host) -> None:
+    """Docker's rule: a container's volumes outlive it, and ``--volumes-from`` mounted them by
+    name; the new container takes the anonymous ones over, so both still share them."""
+    app, name, follower = f"{unique('app')}:qa", unique("web"), unique("side")
+    await host.build(build_image, app, "v1")
+    await host.cli("run", "-d", "--name", name, "-v", "/shared", app)
+    await host.cli("run", "-d", "--name", follower, "--volumes-from", name, app)
+    await threads.deferToThread(_exec, host.dockerd, follower, "echo before > /shared/f")
+    v2 = await host.build(build_image, app, "v2")
+
+    result = await host.replacer.replace(await host.replacement(name, app, v2))
+
+    assert isinstance(result, Ready), result
+    await threads.deferToThread(_exec, host.dockerd, follower, "echo after >> /shared/f")
+    out = await threads.deferToThread(_exec, host.dockerd, name, "cat /shared/f")
+    assert out.split() == ["before", "after"]
+    assert host.inspect(follower)["State"]["Running"]
+    assert host.names() == sorted([name, follower])
+
+
 def _health(host: Host, name: str) -> str | None:
     state = host.dockerd.inspect(name)
     if state is None:
