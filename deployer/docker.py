@@ -369,6 +369,22 @@ class DockerClient:
 
     # -- recreation ------------------------------------------------------------------------
 
+    async def image_json(self, image: str) -> dict[str, Any]:
+        """``GET /images/{image}/json`` whole (its ``Config`` holds the image's defaults)."""
+        obj: dict[str, Any] = await self._typed(
+            ImageNotFound, "GET", f"/images/{quote(image, safe='/:@')}/json")
+        return obj
+
+    async def all_containers(self) -> list[dict[str, Any]]:
+        """``GET /containers/json?all=1``: every container, running or not, as listed."""
+        found = await self._json("GET", "/containers/json", params={"all": "1"})
+        return list(found or ())
+
+    async def network_json(self, network: str) -> dict[str, Any]:
+        """``GET /networks/{network}``; :class:`NotFound` if there is none."""
+        obj: dict[str, Any] = await self._json("GET", f"/networks/{quote(network, safe='')}")
+        return obj
+
     async def create(self, name: str, config: Mapping[str, Any]) -> str:
         """``POST /containers/create``; the new container's id."""
         created = await self._json("POST", "/containers/create", params={"name": name},

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
-from urllib.parse import quote
 
 import attrs
 from twisted.internet.defer import CancelledError
@@ -33,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from deployer.container_spec import ContainerSpec, container_spec, refusal
-from deployer.docker import DockerClient, Image
+from deployer.docker import Image
 from deployer.errors import (
     ContainerNotFound,
     DeployerError,
@@ -64,7 +63,7 @@ class NotRecreatable(DeployerError):
 
 
 class RecreateEngine(Protocol):
-    """What re-creation needs of the engine: :class:`DockerClient` through :class:`DockerCalls`,
+    """What re-creation needs of the engine: a :class:`DockerClient`,
     or a fake in tests."""
 
     def inspect_container(self, container_id: str) -> Awaitable[dict[str, Any]]: ...
@@ -80,60 +79,6 @@ class RecreateEngine(Protocol):
     def start(self, container_id: str) -> Awaitable[None]: ...
     def remove(self, container_id: str, force: bool = False) -> Awaitable[None]: ...
     def tag(self, image: str, repository: str, tag: str) -> Awaitable[None]: ...
-
-
-class DockerCalls:
-    """A :class:`DockerClient` as a :class:`RecreateEngine`: its own calls, and the three raw
-    reads it does not offer (the image's ``Config``, the containers that are not running, a
-    network)."""
-
-    def __init__(self, client: DockerClient) -> None:
-        self.client = client
-
-    async def image_json(self, image: str) -> dict[str, Any]:
-        """``GET /images/{image}/json`` whole; :class:`ImageNotFound` if there is none."""
-        obj: dict[str, Any] = await self.client._typed(
-            ImageNotFound, "GET", f"/images/{quote(image, safe='/:@')}/json")
-        return obj
-
-    async def all_containers(self) -> list[dict[str, Any]]:
-        """``GET /containers/json?all=1``: every container, running or not, as listed."""
-        found = await self.client._json("GET", "/containers/json", params={"all": "1"})
-        return list(found or ())
-
-    async def network_json(self, network: str) -> dict[str, Any]:
-        """``GET /networks/{network}``; :class:`NotFound` if there is none."""
-        obj: dict[str, Any] = await self.client._json(
-            "GET", f"/networks/{quote(network, safe='')}")
-        return obj
-
-    def inspect_container(self, container_id: str) -> Awaitable[dict[str, Any]]:
-        return self.client.inspect_container(container_id)
-
-    def inspect_image(self, name: str) -> Awaitable[Image]:
-        return self.client.inspect_image(name)
-
-    def create(self, name: str, config: Mapping[str, Any]) -> Awaitable[str]:
-        return self.client.create(name, config)
-
-    def connect(self, network: str, container_id: str,
-                endpoint: Mapping[str, Any] | None = None) -> Awaitable[None]:
-        return self.client.connect(network, container_id, endpoint)
-
-    def stop(self, container_id: str, timeout: int) -> Awaitable[None]:
-        return self.client.stop(container_id, timeout)
-
-    def rename(self, container_id: str, name: str) -> Awaitable[None]:
-        return self.client.rename(container_id, name)
-
-    def start(self, container_id: str) -> Awaitable[None]:
-        return self.client.start(container_id)
-
-    def remove(self, container_id: str, force: bool = False) -> Awaitable[None]:
-        return self.client.remove(container_id, force)
-
-    def tag(self, image: str, repository: str, tag: str) -> Awaitable[None]:
-        return self.client.tag(image, repository, tag)
 
 
 @attrs.frozen
@@ -185,12 +130,11 @@ class RecreateReplacer:
     container is ready; ``kill_timeout``: seconds the old one has to stop, unless it has its own
     ``--stop-timeout``."""
 
-    def __init__(self, clock: IReactorTime, engine: DockerClient | RecreateEngine,
+    def __init__(self, clock: IReactorTime, engine: RecreateEngine,
                  events: EventSource, rules: ReadyRules | None = None,
                  kill_timeout: int = 10) -> None:
         self.clock = clock
-        self.engine: RecreateEngine = (DockerCalls(engine) if isinstance(engine, DockerClient)
-                                       else engine)
+        self.engine = engine
         self.events = events
         self.rules = rules or ReadyRules()
         self.kill_timeout = kill_timeout

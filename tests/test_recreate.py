@@ -1,7 +1,7 @@
 """:class:`RecreateReplacer` on a Clock, over an in-memory engine that keeps containers, names
 and images and emits the events dockerd emits: the order of the steps, the undo after a failure at
 every step, refusals that touch nothing, cancellation, the roll-back of the tag; and the raw reads
-of :class:`DockerCalls` over a scripted engine."""
+of the client's raw reads over a scripted engine."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from deployer.errors import (
 )
 from deployer.events import ContainerEvent
 from deployer.readiness import NotReady, NotReadyReason, Readiness, Ready, ReadyRules
-from deployer.recreate import DockerCalls, RecreateReplacer
+from deployer.recreate import RecreateReplacer
 from deployer.replace import Replacement
 from tests.helpers import fired
 
@@ -594,7 +594,7 @@ def test_roll_back_says_when_the_container_is_not_back(h: Host) -> None:
                in e["log_format"] for e in events)
 
 
-# -- DockerCalls: the raw reads -------------------------------------------------------------------
+# -- the client's raw reads for re-creation ----------------------------------------------------
 
 
 class Scripted(Resource):
@@ -620,7 +620,7 @@ class Scripted(Resource):
 def test_docker_calls_reads() -> None:
     engine = Scripted()
     client = DockerClient(Clock(), RequestTraversalAgent(engine))
-    calls = DockerCalls(client)
+    calls = client
     engine.answers["/images/app:qa/json"] = (200, {"Id": OLD_IMAGE, "Config": {"Env": ["A=1"]}})
     engine.answers["/containers/json"] = (200, [{"Id": "a" * 64}])
     engine.answers["/networks/front"] = (200, {"Name": "front"})
@@ -633,8 +633,8 @@ def test_docker_calls_reads() -> None:
         assert failure_of(Deferred.fromCoroutine(call)).check(error)
 
 
-def test_a_docker_client_is_wrapped() -> None:
+def test_a_docker_client_is_a_recreate_engine() -> None:
     client = DockerClient(Clock(), RequestTraversalAgent(Scripted()))
     replacer = RecreateReplacer(Clock(), client, Events())
-    assert isinstance(replacer.engine, DockerCalls) and replacer.engine.client is client
+    assert replacer.engine is client
     assert replacer.rules == ReadyRules()
