@@ -35,6 +35,7 @@ with a capped backoff; no error ends the daemon.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -245,6 +246,7 @@ class Reconciler:
         state.listing = False
         if self.rollout is not None:
             self.rollout.apps.listed(running, runs_on, images)
+            self.rollout.apps.publish()
         local_tags = {t for image in images for t in image.repo_tags}
         candidates = local_tags | set(runs_on.values())
         targets = sorted(t for t in candidates if any(matches(p, t) for p in state.patterns))
@@ -348,6 +350,7 @@ class Reconciler:
     async def _replace_stale(
         self, state: Round, tag: str, containers: Sequence[Container], new_image: str
     ) -> None:
+        stale = []
         for container in containers:
             if container.image_id == new_image:
                 continue
@@ -356,17 +359,33 @@ class Reconciler:
                          " rounds (deployer.enable{only}); left alone", name=container.name,
                          tag=tag, only=", --label_enable" if self.label_enable else "")
                 continue
-            outcome = await self._replace_container(
-                container, tag, new_image, state.digests.get(tag)
-            )
+            stale.append(container)
+        # All at once: the rollout slots decide how many go at a time (on a host, one in a
+        # fleet; --max_unavailable standalone), in this order.
+        results = await DeferredList(
+            [Deferred.fromCoroutine(self._replace_container(
+                container, tag, new_image, state.digests.get(tag))) for container in stale],
+            consumeErrors=True,
+        )
+        failures: list[Failure] = []
+        for ok, result in results:
+            if not ok:
+                failures.append(cast(Failure, result))  # DeferredList's failures
+                continue
+            outcome: Outcome = result
             state.outcomes.append(outcome)
             stopped = outcome.stopped
             if stopped is not None:
                 state.stopped.append(stopped)
             if outcome.result is Result.ERROR:
-                state.errors.append(f"replace {container.name}: {outcome.detail}")
+                state.errors.append(f"replace {outcome.name}: {outcome.detail}")
             elif outcome.result is Result.ROLLED_BACK:
                 state.errors.append(f"{tag}: rollout paused: {outcome.detail}")
+        for failure in failures:  # DockerUnavailable first: the round is retried
+            if failure.check(DockerUnavailable):
+                failure.raiseException()
+        for failure in failures:
+            failure.raiseException()
 
     async def _replace_container(
         self, container: Container, tag: str, new_image: str, digest: str | None = None

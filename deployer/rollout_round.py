@@ -122,18 +122,18 @@ class Rollout:
         slot = await self.rollouts.slots.acquire(app, container.name)
         taken = self.clock.seconds()
         self.apps.replacing(container.name)
-        outcome: Outcome | None = None
         try:
             outcome = await self._in_slot(replacement, digest, slot)
-        finally:
-            if outcome is None:  # the engine went away, or the round was cancelled
-                self.apps.replaced(container.name, app, container.id, container.image_id,
-                                   "unknown")
+        except BaseException:  # the engine went away, or the round was cancelled
+            self.apps.replaced(container.name, app, container.id, container.image_id,
+                               "unknown")
             await slot.release()
+            raise
         outcome = attrs.evolve(outcome, waited=slot.waited, slot=True,
                                seconds=self.clock.seconds() - taken)
         self._tell(outcome)
         self.apps.publish()
+        await slot.release()
         return outcome
 
     async def _in_slot(self, replacement: Replacement, digest: str | None,
