@@ -42,8 +42,10 @@ from deployer.errors import ContainerNotFound, DeployerError, DockerUnavailable
 from deployer.host_apps import HostApps
 from deployer.notify import PauseNotice
 from deployer.readiness import NotReady, Ready
+from deployer.reference import InvalidReference
 from deployer.replace import Replacement, ReplaceMode, Replacer, wanted_mode
 from deployer.replacers import RefusingReplacer, Tagger, tag_back
+from deployer.rollout.keys import app_name
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.slots import Slot
 from deployer.rollout.wiring import Rollouts
@@ -108,6 +110,14 @@ class Rollout:
         :class:`~deployer.errors.DockerUnavailable` (the engine is away: nothing was taken
         down, the round is retried) and cancellation."""
         replacement = Replacement(container, app, container.image_id, new_image)
+        try:
+            app_name(app)
+        except InvalidReference as e:  # no rollout state can be kept for it
+            log.error("not replacing {name}: {app} cannot name an app: {error}",
+                      name=container.name, app=app, error=str(e))
+            refused = self._outcome(replacement, Result.ERROR, str(e))
+            self._tell(refused)
+            return refused
         record = await self._paused(app)
         if record is not None:
             if record.is_build(new_image, digest):
@@ -241,7 +251,7 @@ class Rollout:
         while True:
             try:
                 return await call()
-            except CancelledError:
+            except (CancelledError, InvalidReference):
                 raise
             except Exception as e:
                 delay = self.retry(attempt)

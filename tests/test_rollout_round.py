@@ -414,3 +414,56 @@ def test_the_host_publishes_what_it_runs_after_each_round() -> None:
     assert state["digest"] is not None and state["digest"].startswith("sha256:")
     assert state["last_round"]["result"] == "replaced"
     assert doc["apps"][APP]["converged"] and doc["apps"][APP]["paused"] is None
+
+
+# -- etcd away -----------------------------------------------------------------------------------
+
+
+class FlakyPauses:
+    """Pauses whose first ``failures`` reads fail as etcd out of reach does."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def get(self, app: str) -> Deferred[Any]:
+        if self.failures:
+            self.failures -= 1
+            from twisted.internet.defer import fail
+
+            from deployer.errors import EtcdUnavailable
+            return fail(EtcdUnavailable("no etcd member answered"))
+        return self.inner.get(app)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_reading_the_pause_is_retried_while_etcd_does_not_answer(
+    logs: list[LogEvent],
+) -> None:
+    clock = Clock()
+    parts = wiring.standalone(clock, hostname="h1")
+    host = SimHost(clock, "h1", wiring.Rollouts(parts.slots, FlakyPauses(parts.pauses, 3),
+                                                parts.publish, parts.status))
+    host.engine.local(APP)
+    host.engine.run("web", APP)
+    new = host.engine.publish(APP)
+    host.deploy(APP)
+    assert host.engine.count("stop") == 0  # nothing is taken down before the pause is known
+    run_until(clock, lambda: host.idle)
+    assert [o.result for o in host.outcomes] == [Result.REPLACED]
+    assert running_on(host, "web") == (new, None)
+    assert text(logs).count("reading the pause of") == 3
+
+
+def test_a_tag_that_cannot_name_an_app_is_left_alone() -> None:
+    clock = Clock()
+    host = standalone(clock)
+    host.engine.local(APP)
+    host.engine.run("web", APP)
+    container = fired(Deferred.fromCoroutine(host.engine.containers()))[0]
+    outcome = fired(Deferred.fromCoroutine(
+        host.rollout.replace(container, "Not A/Name:qa", "sha256:" + "9" * 64)))
+    assert outcome.result is Result.ERROR
+    assert host.engine.count("stop") == 0
