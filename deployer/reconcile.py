@@ -8,14 +8,15 @@ A round, for the patterns requested together:
 1. list images and running containers (two engine calls, whatever the number of containers);
 2. pull every local ``repo:tag`` that a pattern matches, at most ``max_pulls`` at once (across
    all rounds);
-3. as soon as a tag's pull has finished, inspect the image the tag now points at and replace,
-   one after the other, each running container of that tag that runs another image: a tag never
-   waits for the other pulls of its round. With a :class:`~deployer.rollout_round.Rollout`
-   (the daemon always has one), each replacement takes its turn in the app's rollout slots,
-   waits until the new container is ready, and is rolled back (the app's rollout paused) when
-   it is not; without one (tools, benchmarks of the round alone), the container is stopped and
-   not waited for. Containers that their labels keep out (``deployer.enable``,
-   ``--label_enable``) are never touched.
+3. as soon as a tag's pull has finished, inspect the image the tag now points at and replace
+   each running container of that tag that runs another image: a tag never waits for the other
+   pulls of its round. With a :class:`~deployer.rollout_round.Rollout` (the daemon always has
+   one), each replacement waits for its turn in the app's rollout slots (in a fleet, one
+   container of an app at a time on a host; standalone, ``--max_unavailable`` at a time; ``0``:
+   all at once), waits until the new container is ready, and is rolled back (the app's rollout
+   paused) when it is not. Without one (tools, benchmarks of the round alone), the containers
+   are stopped one after the other on the host and not waited for. Containers that their labels
+   keep out (``deployer.enable``, ``--label_enable``) are never touched.
 
 Rounds run side by side: a slow or hung pull holds up only the requests that want that tag. A
 request whose tags are all still waiting for their pull in a running round joins that round; a
@@ -26,9 +27,9 @@ repository during its pull thus costs at most one more pull, a push during a pul
 lost, and no tag is ever pulled twice at the same time.
 
 Safety: a tag whose pull failed (or stalled) has none of its containers replaced; a container is
-replaced only when its tag now points at an image the engine has; the containers of one tag are
-replaced one at a time on the host (tags of different apps side by side, each in its own
-rollout slots). An engine that cannot be reached puts the round's requests back and retries later
+replaced only when its tag now points at an image the engine has; no more of an app's
+containers are down at once than its rollout slots allow (apps side by side, each in its own
+slots). An engine that cannot be reached puts the round's requests back and retries later
 with a capped backoff; no error ends the daemon.
 """
 
