@@ -14,6 +14,7 @@ from prometheus_client import (
 from prometheus_client.process_collector import ProcessCollector
 
 PULL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+ROLLOUT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class Metrics:
@@ -86,6 +87,38 @@ class Metrics:
             " --request_timeout), evicted (the one that waited longest for its request, to make"
             " room at the connection limit), refused (closed at once at the limit).",
             ["reason"],
+            registry=r,
+        )
+
+        self.rollout_duration = Histogram(
+            "deployer_rollout_duration_seconds",
+            "Time one replacement held its rollout slot: from taking the container down until"
+            " its replacement was ready, or rolled back.",
+            buckets=ROLLOUT_BUCKETS,
+            registry=r,
+        )
+        self.replacements = Counter(
+            "deployer_replacements",
+            "Stale containers handled by the rollout, by result (replaced, rolled_back, paused:"
+            " left running because the app's rollout is paused for that build, gone, error).",
+            ["result"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "deployer_rollbacks",
+            "Replacements rolled back, by reason (unhealthy, exited, no_replacement, timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.rollout_pauses = Counter(
+            "deployer_rollout_pauses",
+            "App rollouts that this host paused (it was the first to find the build not ready).",
+            registry=r,
+        )
+        self.slot_wait = Histogram(
+            "deployer_rollout_slot_wait_seconds",
+            "Time waiting for a rollout slot before replacing a container.",
+            buckets=ROLLOUT_BUCKETS,
             registry=r,
         )
 

@@ -311,7 +311,11 @@ class SlackNotifier:
         """Post the message; nothing when no container was stopped. Never fails."""
         if not container_names:
             return succeed(None)
-        payload = {"text": slack_text(container_names), "username": self.username}
+        return self.say(slack_text(container_names))
+
+    def say(self, text: str) -> Deferred[None]:
+        """Post ``text``. Never fails."""
+        payload = {"text": text, "username": self.username}
 
         async def attempt() -> None:
             code, body = await _post_json(
@@ -369,6 +373,42 @@ class DeployReport:
 
 
 @attrs.frozen
+class PauseNotice:
+    """The rollout of ``app`` paused on ``host``: its build ``image_id`` (``digest``) was not
+    ready in ``container`` (``reason``: ``unhealthy``, ``exited``, ``no_replacement`` or
+    ``timeout``; ``detail`` in words), and the host went back to ``previous_image``."""
+
+    host: str
+    app: str
+    container: str
+    image_id: str
+    digest: str | None
+    reason: str
+    detail: str
+    previous_image: str
+
+    def text(self) -> str:
+        """The one line that Slack gets and the log holds."""
+        return (f"Rollout of {self.app} paused on {self.host}: {self.reason}: {self.detail};"
+                f" {self.container} is back on the previous build"
+                f" {self.previous_image.removeprefix('sha256:')[:12]}")
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "event": "rollout_paused",
+            "host": self.host,
+            "app": self.app,
+            "container": self.container,
+            "image_id": self.image_id,
+            "digest": self.digest,
+            "reason": self.reason,
+            "detail": self.detail,
+            "previous_image": self.previous_image,
+            "message": self.text(),
+        }
+
+
+@attrs.frozen
 class WebhookNotifier:
     """POSTs a JSON report to ``url`` after each round; any 2xx is delivered. Failures are
     retried ``retries`` times with back-off and then logged. A ``user:password@`` in the URL is
@@ -413,8 +453,8 @@ class Notifiers:
     """Every configured notifier, told about each round without holding it up.
 
     Slack hears about rounds that stopped containers; the JSON webhook about rounds that
-    stopped containers or had failures. :meth:`deployed` returns a Deferred that never fails
-    and that the caller does not have to wait for.
+    stopped containers or had failures; both about a paused rollout (:meth:`paused`).
+    Each returns a Deferred that never fails and that the caller does not have to wait for.
     """
 
     slack: SlackNotifier | None = None
@@ -426,6 +466,20 @@ class Notifiers:
             pending.append(maybeDeferred(self.slack.deployed, report.stopped))
         if self.webhook is not None and (report.stopped or report.failures):
             pending.append(maybeDeferred(self.webhook.deployed, report.as_json()))
-        for d in pending:
-            _never_fails(d, "a notifier")
-        return gatherResults(pending).addCallback(lambda _: None)
+        return _all(pending)
+
+    def paused(self, notice: PauseNotice) -> Deferred[None]:
+        """A rollout paused: Slack gets :meth:`PauseNotice.text`, the JSON webhook
+        :meth:`PauseNotice.as_json`."""
+        pending: list[Deferred[None]] = []
+        if self.slack is not None:
+            pending.append(maybeDeferred(self.slack.say, notice.text()))
+        if self.webhook is not None:
+            pending.append(maybeDeferred(self.webhook.deployed, notice.as_json()))
+        return _all(pending)
+
+
+def _all(pending: list[Deferred[None]]) -> Deferred[None]:
+    for d in pending:
+        _never_fails(d, "a notifier")
+    return gatherResults(pending).addCallback(lambda _: None)

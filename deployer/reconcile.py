@@ -1,4 +1,4 @@
-"""The update round: pull what a push changed, then stop the containers it made stale.
+"""The update round: pull what a push changed, then replace the containers it made stale.
 
 One :class:`Reconciler` per host. :meth:`Reconciler.request` takes an :class:`Update` from any
 source (webhook, etcd watch, the periodic re-pull) and never blocks.
@@ -8,9 +8,15 @@ A round, for the patterns requested together:
 1. list images and running containers (two engine calls, whatever the number of containers);
 2. pull every local ``repo:tag`` that a pattern matches, at most ``max_pulls`` at once (across
    all rounds);
-3. as soon as a tag's pull has finished, inspect the image the tag now points at and stop, one
-   after the other, each running container of that tag that runs another image: a tag never
-   waits for the other pulls of its round.
+3. as soon as a tag's pull has finished, inspect the image the tag now points at and replace
+   each running container of that tag that runs another image: a tag never waits for the other
+   pulls of its round. With a :class:`~deployer.rollout_round.Rollout` (the daemon always has
+   one), each replacement waits for its turn in the app's rollout slots (in a fleet, one
+   container of an app at a time on a host; standalone, ``--max_unavailable`` at a time; ``0``:
+   all at once), waits until the new container is ready, and is rolled back (the app's rollout
+   paused) when it is not. Without one (tools, benchmarks of the round alone), the containers
+   are stopped one after the other on the host and not waited for. Containers that their labels
+   keep out (``deployer.enable``, ``--label_enable``) are never touched.
 
 Rounds run side by side: a slow or hung pull holds up only the requests that want that tag. A
 request whose tags are all still waiting for their pull in a running round joins that round; a
@@ -20,15 +26,17 @@ round that is reading the engine's lists at that moment). A burst of webhooks fo
 repository during its pull thus costs at most one more pull, a push during a pull is never
 lost, and no tag is ever pulled twice at the same time.
 
-Safety: a tag whose pull failed (or stalled) has none of its containers stopped; a container is
-stopped only when its tag now points at an image the engine has; stops happen one at a time on
-the host. An engine that cannot be reached puts the round's requests back and retries later
+Safety: a tag whose pull failed (or stalled) has none of its containers replaced; a container is
+replaced only when its tag now points at an image the engine has; no more of an app's
+containers are down at once than its rollout slots allow (apps side by side, each in its own
+slots). An engine that cannot be reached puts the round's requests back and retries later
 with a capped backoff; no error ends the daemon.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,9 +52,12 @@ from deployer.errors import (
     ImageNotFound,
     PullStalled,
 )
+from deployer.host_apps import digest_for
 from deployer.model import Update
 from deployer.reference import familiar, matches, with_tag
-from deployer.rounds import Engine, Round, RoundReport, Stopped
+from deployer.replace import enabled
+from deployer.rollout_round import Rollout
+from deployer.rounds import Engine, Outcome, Result, Round, RoundReport, Stopped
 
 log = Logger()
 
@@ -56,7 +67,8 @@ MAX_QUEUED_PER_PATTERN = 1000
 
 class Reconciler:
     """The update rounds of one host, over its Docker ``engine``; every timer runs on
-    ``reactor``. ``observers`` get each round's :class:`RoundReport`."""
+    ``reactor``. ``observers`` get each round's :class:`RoundReport`. ``rollout`` replaces the
+    stale containers (see the module docstring); ``label_enable`` is ``--label_enable``."""
 
     def __init__(
         self,
@@ -67,8 +79,12 @@ class Reconciler:
         observers: Iterable[Callable[[RoundReport], object]] = (),
         retry_delay: float = 2.0,
         retry_max: float = 60.0,
+        rollout: Rollout | None = None,
+        label_enable: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.rollout = rollout
+        self.label_enable = label_enable
         self.engine = engine
         self.kill_timeout = kill_timeout
         self.semaphore = DeferredSemaphore(max(1, max_pulls))
@@ -81,7 +97,7 @@ class Reconciler:
         self._listing: Round | None = None
         #: The tags being handled by a round (pulled, then their containers replaced).
         self._handled: set[str] = set()
-        #: Held around each container's replacement: one at a time on the host.
+        #: Without a rollout: held around each stop, one at a time on the host.
         self._replacing = DeferredLock()
         self._retry: IDelayedCall | None = None
         self._failures = 0
@@ -229,6 +245,9 @@ class Reconciler:
             return
         self._listing = None
         state.listing = False
+        if self.rollout is not None:
+            self.rollout.apps.listed(running, runs_on, images)
+            self.rollout.apps.publish()
         local_tags = {t for image in images for t in image.repo_tags}
         candidates = local_tags | set(runs_on.values())
         targets = sorted(t for t in candidates if any(matches(p, t) for p in state.patterns))
@@ -254,8 +273,11 @@ class Reconciler:
             state.errors.append(f"Docker engine unavailable: {error}; the round is retried")
         else:
             self._failures = 0
+        report = state.report(self.reactor.seconds())
+        if self.rollout is not None:
+            self.rollout.apps.round_ended(report)
+            self.rollout.apps.publish()
         if error is None or state.stopped:
-            report = state.report(self.reactor.seconds())
             for observer in self.observers:
                 try:
                     observer(report)
@@ -315,6 +337,9 @@ class Reconciler:
             log.error("cannot inspect {tag}: {error}", tag=tag, error=str(e))
             return ""
         state.images[key] = image.id
+        state.digests[key] = digest_for(image.repo_digests, key)
+        if self.rollout is not None:
+            self.rollout.apps.learn_image(image)
         return image.id
 
     async def _pull_one(self, state: Round, tag: str) -> float:
@@ -326,41 +351,75 @@ class Reconciler:
     async def _replace_stale(
         self, state: Round, tag: str, containers: Sequence[Container], new_image: str
     ) -> None:
+        stale = []
         for container in containers:
             if container.image_id == new_image:
                 continue
-            try:
-                stopped = await self._replacing.run(
-                    self._replace_container, container, tag, new_image
-                )
-            except DockerUnavailable:
-                raise
-            except DockerError as e:
-                state.errors.append(f"stop {container.name}: {e}")
-                log.error("cannot stop {name}: {error}", name=container.name, error=str(e))
+            if not enabled(container, self.label_enable):
+                log.info("{name} runs an older image of {tag} but its labels keep it out of"
+                         " rounds (deployer.enable{only}); left alone", name=container.name,
+                         tag=tag, only=", --label_enable" if self.label_enable else "")
                 continue
+            stale.append(container)
+        # All at once: the rollout slots decide how many go at a time (on a host, one in a
+        # fleet; --max_unavailable standalone), in this order.
+        results = await DeferredList(
+            [Deferred.fromCoroutine(self._replace_container(
+                container, tag, new_image, state.digests.get(tag))) for container in stale],
+            consumeErrors=True,
+        )
+        failures: list[Failure] = []
+        for ok, result in results:
+            if not ok:
+                failures.append(cast(Failure, result))  # DeferredList's failures
+                continue
+            outcome: Outcome = result
+            state.outcomes.append(outcome)
+            stopped = outcome.stopped
             if stopped is not None:
                 state.stopped.append(stopped)
+            if outcome.result is Result.ERROR:
+                state.errors.append(f"replace {outcome.name}: {outcome.detail}")
+            elif outcome.result is Result.ROLLED_BACK:
+                state.errors.append(f"{tag}: rollout paused: {outcome.detail}")
+        for failure in failures:  # DockerUnavailable first: the round is retried
+            if failure.check(DockerUnavailable):
+                failure.raiseException()
+        for failure in failures:
+            failure.raiseException()
 
     async def _replace_container(
-        self, container: Container, tag: str, new_image: str
-    ) -> Stopped | None:
-        """Replace one container that runs an older image of ``tag``: stop it, so that its
-        supervisor starts it again on ``new_image``. None when it was gone already.
+        self, container: Container, tag: str, new_image: str, digest: str | None = None
+    ) -> Outcome:
+        """Replace one container that runs an older image of ``tag`` (see the module
+        docstring); what became of it. Raises only :class:`DockerUnavailable`."""
+        if self.rollout is not None:
+            return await self.rollout.replace(container, tag, new_image, digest)
+        return await self._replacing.run(self._stop, container, tag, new_image)
 
-        The one step that takes a container down; the host runs one at a time.
-        """
+    async def _stop(self, container: Container, tag: str, new_image: str) -> Outcome:
+        """Without a rollout: stop it, so that its supervisor starts it again on
+        ``new_image``; not waited for."""
+        def outcome(result: Result, detail: str) -> Outcome:
+            return Outcome(container.name, container.id, tag, container.image_id, new_image,
+                           result, detail)
+
         try:
             await self.engine.stop(container.id, self.kill_timeout)
         except ContainerNotFound:
             log.info("container {name} was gone before it could be stopped",
                      name=container.name)
-            return None
+            return outcome(Result.GONE, "gone before it was stopped")
+        except DockerUnavailable:
+            raise
+        except DockerError as e:
+            log.error("cannot stop {name}: {error}", name=container.name, error=str(e))
+            return outcome(Result.ERROR, str(e))
         log.info(
             "stopped {name} ({old:.19}) so that it restarts on {tag} ({new:.19})",
             name=container.name, old=container.image_id, tag=tag, new=new_image,
         )
-        return Stopped(container.name, container.id, tag, container.image_id, new_image)
+        return outcome(Result.REPLACED, "stopped; not waited for (no rollout)")
 
     async def _container_tags(self, running: Sequence[Container]) -> dict[str, str]:
         """The ``repo:tag`` each running container was started from.
@@ -391,4 +450,6 @@ class Reconciler:
         return tags
 
 
-__all__ = ["MAX_QUEUED_PER_PATTERN", "Engine", "Reconciler", "RoundReport", "Stopped"]
+__all__ = [
+    "MAX_QUEUED_PER_PATTERN", "Engine", "Outcome", "Reconciler", "Result", "RoundReport", "Stopped",
+]

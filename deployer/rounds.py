@@ -1,9 +1,11 @@
 """What an update round works on and what it reports: the engine calls it needs, the state of
-one round while it runs, and the :class:`RoundReport` its observers get
-(:mod:`deployer.reconcile` runs the rounds)."""
+one round while it runs, what became of each stale container (:class:`Outcome`), and the
+:class:`RoundReport` its observers get (:mod:`deployer.reconcile` runs the rounds,
+:mod:`deployer.rollout_round` replaces the stale containers)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -33,7 +35,8 @@ class Engine(Protocol):
 
 @attrs.frozen
 class Stopped:
-    """A container this round stopped so that its supervisor restarts it on ``new_image``."""
+    """A container this round took down to replace it with one on ``new_image`` (stopped, so
+    that its supervisor restarts it, or re-created)."""
 
     name: str
     id: str
@@ -42,13 +45,66 @@ class Stopped:
     new_image: str
 
 
+class Result(enum.Enum):
+    """What became of one stale container (the ``result`` label of the replacement metric)."""
+
+    #: Taken down, and its replacement on the new image is ready.
+    REPLACED = "replaced"
+    #: Taken down, its replacement was not ready: rolled back to the previous build, the app's
+    #: rollout paused.
+    ROLLED_BACK = "rolled_back"
+    #: Left running: the app's rollout is paused for this very build.
+    PAUSED = "paused"
+    #: Gone before it could be replaced.
+    GONE = "gone"
+    #: Left running: it could not be taken down (an engine error, a replace mode refused).
+    ERROR = "error"
+
+    @property
+    def taken_down(self) -> bool:
+        return self in (Result.REPLACED, Result.ROLLED_BACK)
+
+
+@attrs.frozen
+class Outcome:
+    """What became of one stale ``container`` of ``app`` (its ``repo:tag``, familiar form),
+    which ran ``old_image`` while ``app`` pointed at ``new_image``. ``detail`` says why in
+    words; ``waited`` is the time spent waiting for a rollout slot, ``seconds`` the time the
+    slot was held (both 0 when none was taken)."""
+
+    name: str
+    id: str
+    app: str
+    old_image: str
+    new_image: str
+    result: Result
+    detail: str = ""
+    waited: float = 0.0
+    seconds: float = 0.0
+    #: The reason word of a rollback (``unhealthy``, ``exited``, ``no_replacement``,
+    #: ``timeout``), else None.
+    reason: str | None = None
+    #: Whether a rollout slot was taken for it.
+    slot: bool = False
+    #: Whether this host paused the app's rollout (it was the first to find the build bad).
+    paused: bool = False
+
+    @property
+    def stopped(self) -> Stopped | None:
+        """The :class:`Stopped` record of a container that was taken down."""
+        if not self.result.taken_down:
+            return None
+        return Stopped(self.name, self.id, self.app, self.old_image, self.new_image)
+
+
 @attrs.frozen
 class RoundReport:
     """What one round did; given to observers (notifications, metrics, tests).
 
     ``pulled`` maps each tag pulled to the image id it now points at, ``failed`` each tag whose
     pull failed to the reason, and ``stalled`` names the failed tags whose pull was given up on
-    because it made no progress (a hung registry).
+    because it made no progress (a hung registry). ``stopped`` are the containers taken down
+    (replaced, or replaced and rolled back); ``outcomes`` what became of every stale container.
     """
 
     patterns: tuple[str, ...]
@@ -61,6 +117,9 @@ class RoundReport:
     started: float
     finished: float
     stalled: tuple[str, ...] = ()
+    outcomes: tuple[Outcome, ...] = ()
+    #: The manifest digest each pulled tag now points at, when the engine knows it.
+    digests: Mapping[str, str | None] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -86,9 +145,11 @@ class Round:
     remaining: int = 0
     pull_seconds: dict[str, float] = attrs.field(factory=dict)
     images: dict[str, str] = attrs.field(factory=dict)
+    digests: dict[str, str | None] = attrs.field(factory=dict)
     failed: dict[str, str] = attrs.field(factory=dict)
     stalled: list[str] = attrs.field(factory=list)
     stopped: list[Stopped] = attrs.field(factory=list)
+    outcomes: list[Outcome] = attrs.field(factory=list)
     errors: list[str] = attrs.field(factory=list)
     unavailable: DockerUnavailable | None = None
 
@@ -117,4 +178,6 @@ class Round:
             started=self.started,
             finished=finished,
             stalled=tuple(self.stalled),
+            outcomes=tuple(self.outcomes),
+            digests={t: self.digests.get(t) for t in self.pull_seconds},
         )

@@ -3,7 +3,9 @@
 
 Every part is made in :meth:`~DeployerService.from_config` and attached in
 :meth:`~DeployerService.__attrs_post_init__`, nowhere else: the round's observers (metrics and the
-deploy report to the notifiers), the etcd watch in fleet mode, the listening port, the safety
+deploy report to the notifiers), the rollout that replaces stale containers (slots, pauses, the
+replacers by ``--replace`` mode, the pause notification, the rollout metrics, what this host
+runs), the etcd watch in fleet mode, the listening port, the safety
 re-pull on the reactor's clock, and the closers that run when the service stops.
 """
 
@@ -28,6 +30,7 @@ from deployer.docker import DockerClient
 from deployer.errors import DockerError
 from deployer.etcd import Etcd, EtcdConfig, WatchService
 from deployer.events import EngineEvents
+from deployer.host_apps import HostApps
 from deployer.metrics import Metrics
 from deployer.model import EVERY_IMAGE, Update
 from deployer.notify import (
@@ -37,10 +40,15 @@ from deployer.notify import (
     SlackNotifier,
     WebhookNotifier,
 )
+from deployer.readiness import ReadyRules
 from deployer.reconcile import Reconciler, RoundReport
+from deployer.replace import ReplaceMode, Replacer
+from deployer.replacers import RefusingReplacer, StopReplacer
 from deployer.rollout import wiring
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.wiring import Rollouts
+from deployer.rollout_round import Rollout
+from deployer.rounds import Outcome, Result
 from deployer.site import ConnectionLimit, Drops, WebhookSite, connection_limit
 from deployer.webhook import Sink, WebhookApp
 
@@ -123,6 +131,32 @@ def _rollouts(config: Config, reactor: Any, etcd: Etcd | None) -> Rollouts:
                                  max_unavailable=config.max_unavailable)
     return wiring.fleet(etcd, reactor, prefix=config.etcd_prefix, hostname=config.hostname,
                         max_unavailable=config.max_unavailable)
+
+
+def replacers(
+    config: Config, reactor: Any, docker: DockerClient, events: EngineEvents
+) -> dict[ReplaceMode, Replacer]:
+    """The way to replace a container, for each ``--replace`` mode."""
+    rules = ReadyRules(min_ready=config.min_ready, ready_timeout=config.ready_timeout)
+    return {
+        ReplaceMode.STOP: StopReplacer(reactor, docker, events, rules, config.kill_timeout),
+        ReplaceMode.RECREATE: RefusingReplacer(
+            ReplaceMode.RECREATE, "is not available in this build of deployer"
+        ),
+    }
+
+
+def count_replacement(metrics: Metrics, outcome: Outcome) -> None:
+    """The rollout counters: replacements by result, rollbacks, pauses, slot waits."""
+    metrics.replacements.labels(result=outcome.result.value).inc()
+    if outcome.slot:
+        metrics.slot_wait.observe(outcome.waited)
+    if outcome.result.taken_down:
+        metrics.rollout_duration.observe(outcome.seconds)
+    if outcome.result is Result.ROLLED_BACK:
+        metrics.rollbacks.labels(reason=outcome.reason or "unknown").inc()
+        if outcome.paused:
+            metrics.rollout_pauses.inc()
 
 
 def count_round(metrics: Metrics, report: RoundReport) -> None:
@@ -227,16 +261,10 @@ class DeployerService(MultiService):
             webhook=WebhookNotifier(http, reactor, config.notify_url)
             if config.notify_url else None,
         )
-        reconciler = Reconciler(
-            reactor, docker, kill_timeout=config.kill_timeout, max_pulls=config.max_threads
-        )
+        events = EngineEvents(reactor, docker)
 
-        sink: Sink
-        etcd = watch = None
-        if config.standalone:
-            sink = LocalSink(reconciler)
-            context = f"deployer={config.hostname}"
-        else:
+        etcd = None
+        if not config.standalone:
             etcd = Etcd(
                 reactor,
                 EtcdConfig(
@@ -248,11 +276,28 @@ class DeployerService(MultiService):
                 ),
                 http=etcd_http,
             )
+            closers.append(etcd.close)
+        rollouts = _rollouts(config, reactor, etcd)
+        rollout = Rollout(
+            reactor, docker, rollouts, replacers(config, reactor, docker, events),
+            hostname=config.hostname, mode=config.replace, notify=notifiers.paused,
+            observers=[partial(count_replacement, metrics)],
+            apps=HostApps(rollouts.publish, events),
+        )
+        reconciler = Reconciler(
+            reactor, docker, kill_timeout=config.kill_timeout, max_pulls=config.max_threads,
+            rollout=rollout, label_enable=config.label_enable,
+        )
+
+        sink: Sink
+        watch = None
+        if etcd is None:
+            sink = LocalSink(reconciler)
+            context = f"deployer={config.hostname}"
+        else:
             sink = EtcdSink(etcd)
             watch = etcd.watch(reconciler.request)
-            closers.append(etcd.close)
             context = f"deployer={config.hostname} via etcd"
-        rollouts = _rollouts(config, reactor, etcd)
 
         app = WebhookApp(
             clock=reactor,
@@ -283,7 +328,7 @@ class DeployerService(MultiService):
             site=site,
             connections=ConnectionLimit(site, limit, drops),
             rollouts=rollouts,
-            events=EngineEvents(reactor, docker),
+            events=events,
             etcd=etcd,
             watch=watch,
             closers=tuple(closers),

@@ -1,9 +1,15 @@
 """The update round (:mod:`deployer.reconcile`) on the in-memory engine, with a Clock.
 
 The engine is :class:`MemoryDocker` served to the real :class:`DockerClient` through its agent,
-so every round goes through the client's HTTP encoding. The engine answers at once, so a round
-runs to its end inside :meth:`Reconciler.request` unless a pull is held open with
-``slow_pull``; the tests are therefore plain synchronous functions.
+so every round goes through the client's HTTP encoding. The engine answers at once; the round
+replaces stale containers through a standalone rollout (:class:`Rollout` with a
+:class:`StopReplacer`), whose readiness wait follows container events. Until the in-memory
+engine serves ``/events``, ``start`` and ``tag`` itself, :class:`Shim` adds them here: a stop
+tells the events a container died and, by default, a supervisor runs it again at once on what
+its tag points at now (:attr:`Host.supervised`). ``min_ready`` is 0, so a replacement is ready
+on the clock's next turn: :meth:`Host.settle` runs those turns without moving the time. A round
+thus runs to its end inside :meth:`Reconciler.request` and :meth:`Host.settle`, unless a pull is
+held open with ``slow_pull``; the tests are plain synchronous functions.
 """
 
 from __future__ import annotations
@@ -19,11 +25,20 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
 from deployer.docker import Container, DockerClient, Image, looks_like_id
+from deployer.events import ContainerEvent
+from deployer.host_apps import HostApps
 from deployer.model import Update
+from deployer.readiness import ReadyRules
 from deployer.reconcile import Reconciler, RoundReport, Stopped
 from deployer.reference import parse_reference
+from deployer.replace import ReplaceMode
+from deployer.replacers import StopReplacer
+from deployer.rollout import wiring
+from deployer.rollout_round import Rollout
+from deployer.rounds import Result
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
 from tests.helpers import fired
+from tests.rollout_fakes import FakeEvents
 
 REG = "registry.test:5000"
 FOO = f"{REG}/myorg/foo"
@@ -48,11 +63,46 @@ class Host:
         self.reports: list[RoundReport] = []
         self.names: dict[str, str] = {}
         self._events = itertools.count(1)
+        self.events = FakeEvents()
+        #: Whether a supervisor runs a stopped container again (on what its tag points at).
+        self.supervised = True
+        self.mem.on_stop(self._stopped)
 
-    def reconciler(self, **kw: Any) -> Reconciler:
+    def _emit(self, action: str, container: ContainerState) -> None:
+        self.events.emit(ContainerEvent(action, container.id, container.name,
+                                        container.image_ref, attributes={"name": container.name}))
+
+    def _stopped(self, container: ContainerState) -> None:
+        self._emit("die", container)
+        if self.supervised:
+            new = self.mem.restart_like_supervisor(container)
+            self.names[new] = container.name
+            self._emit("start", self.mem.containers[new])
+
+    def rollout(self, engine: Any = None, max_unavailable: int = 1) -> Rollout:
+        shim = Shim(engine or self.client, self)
+        rules = ReadyRules(min_ready=0.0, ready_timeout=60.0)
+        parts = wiring.standalone(self.clock, hostname="host-a", max_unavailable=max_unavailable)
+        return Rollout(
+            self.clock, shim, parts,
+            {ReplaceMode.STOP: StopReplacer(self.clock, shim, self.events, rules, KILL_TIMEOUT)},
+            hostname="host-a", apps=HostApps(parts.publish, self.events),
+        )
+
+    def reconciler(self, engine: Any = None, **kw: Any) -> Reconciler:
         kw.setdefault("kill_timeout", KILL_TIMEOUT)
         kw.setdefault("observers", [self.reports.append])
-        return Reconciler(self.clock, self.client, **kw)
+        kw.setdefault("rollout", self.rollout(engine))
+        return Reconciler(self.clock, engine or self.client, **kw)
+
+    def settle(self) -> None:
+        """Run the timers due now (readiness after ``min_ready`` 0), without moving time."""
+        for _ in range(10_000):
+            now = self.clock.seconds()
+            if not any(c.getTime() <= now for c in self.clock.getDelayedCalls()):
+                return
+            self.clock.advance(0)
+        raise AssertionError("the clock does not settle")
 
     def update(self, pattern: str) -> Update:
         """A distinct update for ``pattern`` (``*``, ``repo`` or ``repo:tag``)."""
@@ -93,6 +143,30 @@ class Host:
     def calls_since(self, start: int) -> list[tuple[str, str]]:
         """Engine calls from index ``start``, without the API version prefix."""
         return [(m, p.removeprefix("/v1.41")) for m, p in self.mem.calls[start:]]
+
+
+class Shim:
+    """``engine`` with ``start`` and ``tag`` done on the memory engine's state directly."""
+
+    def __init__(self, engine: Any, host: Host) -> None:
+        self.engine = engine
+        self.host = host
+        self.started: list[str] = []
+        self.tagged: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    async def start(self, container_id: str) -> None:
+        container = self.host.mem.find_container(container_id)
+        assert container is not None
+        self.started.append(container_id)
+        container.running = True
+        self.host._emit("start", container)
+
+    async def tag(self, image: str, repository: str, tag: str) -> None:
+        self.tagged.append((image, f"{repository}:{tag}"))
+        self.host.mem.add_image([f"{repository}:{tag}"], image_id=image)
 
 
 class Held:
@@ -246,6 +320,7 @@ def test_docker_hub_names_are_compared_in_their_familiar_form(host: Host) -> Non
 
     r.request(Update(repository="library/busybox", registry="docker.io", tag="1",
                      source="test", received=0.0))
+    host.settle()
 
     assert host.pulled() == ["busybox:1"]
     assert host.reports[-1].pulled == {"busybox:1": new_one}
@@ -254,6 +329,7 @@ def test_docker_hub_names_are_compared_in_their_familiar_form(host: Host) -> Non
 
     r.request(Update(repository="library/busybox", registry="index.docker.io",
                      source="test", received=0.0))
+    host.settle()
 
     assert sorted(host.pulled()) == ["busybox:1", "busybox:1", "busybox:latest"]
     assert host.reports[-1].pulled == {"busybox:1": new_one, "busybox:latest": new_latest}
@@ -266,13 +342,14 @@ def test_docker_hub_names_are_compared_in_their_familiar_form(host: Host) -> Non
 
 def test_container_on_an_outdated_image_is_stopped_with_the_kill_timeout(host: Host) -> None:
     cid, old, new = host.stale(f"{FOO}:qa", "app")
-    host.mem.on_stop(host.mem.restart_like_supervisor)
     r = host.reconciler()
     u = host.update(f"{FOO}:qa")
 
     r.request(u)
-
     assert host.stops() == [("app", KILL_TIMEOUT)]
+    assert host.reports == []  # the round waits until the replacement is ready
+    host.settle()
+
     report = host.reports[-1]
     assert report.stopped == (Stopped("app", cid, f"{FOO}:qa", old, new),)
     assert report.pulled == {f"{FOO}:qa": new}
@@ -280,6 +357,32 @@ def test_container_on_an_outdated_image_is_stopped_with_the_kill_timeout(host: H
     assert report.ok
     restarted = host.mem.find_container("app")
     assert restarted is not None and restarted.running and restarted.image_id == new
+    [outcome] = report.outcomes
+    assert outcome.result is Result.REPLACED and outcome.name == "app"
+
+
+def test_a_container_that_nothing_restarts_is_started_again_and_the_app_paused(
+    host: Host,
+) -> None:
+    """The new required behaviour of --replace stop without a supervisor."""
+    host.supervised = False
+    cid, old, new = host.stale(f"{FOO}:qa", "app")
+    r = host.reconciler()
+    r.request(host.update(f"{FOO}:qa"))
+    assert not host.running(cid)
+    host.clock.advance(59)
+    assert host.reports == [] and not host.running(cid)
+    host.clock.advance(1)  # --ready_timeout
+    host.settle()
+    assert host.running(cid)  # the very container, started again
+    assert host.mem.image_id(f"{FOO}:qa") == old
+    [report] = host.reports
+    [outcome] = report.outcomes
+    assert outcome.result is Result.ROLLED_BACK and outcome.reason == "no_replacement"
+    assert not report.ok and report.errors[0].startswith(f"{FOO}:qa: rollout paused")
+    assert r.rollout is not None
+    record = fired(r.rollout.rollouts.pauses.get(f"{FOO}:qa"))
+    assert record is not None and record.image_id == new
 
 
 def test_container_already_on_the_new_image_is_left_running(host: Host) -> None:
@@ -318,9 +421,12 @@ def test_container_whose_tag_moved_before_the_round_is_found_with_one_inspect(
     assert ("GET", f"/containers/{moved}/json") in host.calls_since(start)
     assert host.mem.count("POST", STOP) == 0
 
-    # ... and the next round uses what it learnt, without inspecting again.
+    # ... and the next round uses what it learnt, without inspecting again (the inspects of
+    # the replacement's readiness wait are by name, then of the new container).
+    start = len(host.mem.calls)
     r.request(host.update(f"{FOO}:qa"))
-    assert host.mem.count("GET", INSPECT) == 1
+    host.settle()
+    assert ("GET", f"/containers/{moved}/json") not in host.calls_since(start)
     assert host.reports[-1].stopped == (Stopped("moved", moved, f"{FOO}:qa", old, new),)
     assert host.stops() == [("moved", KILL_TIMEOUT)]
     assert host.running(current)
@@ -338,6 +444,7 @@ def test_containers_started_by_id_or_pinned_by_digest_are_never_stopped(host: Ho
 
     r.request(host.update(f"{FOO}:qa"))
     r.request(host.update("*"))  # nothing to pull by digest either
+    host.settle()
 
     assert host.reports[0].pulled == {f"{FOO}:qa": new}
     assert [s.name for s in host.reports[0].stopped] == ["tagged"]  # the round did its job
@@ -356,6 +463,7 @@ def test_containers_of_other_repositories_are_untouched(host: Host) -> None:
     r = host.reconciler()
 
     r.request(host.update(FOO))
+    host.settle()
 
     assert host.pulled() == [f"{FOO}:qa"]
     assert host.stops() == [("foo", KILL_TIMEOUT)]
@@ -379,6 +487,7 @@ def test_failed_pull_stops_none_of_that_tags_containers(
     r = host.reconciler()
 
     r.request(host.update(FOO))
+    host.settle()
 
     report = host.reports[-1]
     assert set(report.failed) == {f"{FOO}:qa"}
@@ -405,10 +514,13 @@ def test_stop_error_is_reported_and_the_next_container_still_handled(host: Host)
     r = host.reconciler()
 
     r.request(host.update(f"{FOO}:qa"))
+    host.settle()
 
     report = host.reports[-1]
     assert len(report.errors) == 1
-    assert report.errors[0].startswith("stop broken:") and "cgroup is stuck" in report.errors[0]
+    assert report.errors[0].startswith("replace broken:")
+    assert "cgroup is stuck" in report.errors[0]
+    assert [o.result for o in report.outcomes] == [Result.ERROR, Result.REPLACED]
     assert [s.name for s in report.stopped] == ["healthy"]
     assert host.stops() == [("broken", KILL_TIMEOUT), ("healthy", KILL_TIMEOUT)]
     assert not report.ok
@@ -426,6 +538,7 @@ def test_container_gone_before_its_stop_is_not_an_error(host: Host) -> None:
     r = host.reconciler()
 
     r.request(host.update(f"{FOO}:qa"))
+    host.settle()
 
     report = host.reports[-1]
     assert [s.name for s in report.stopped] == ["second"]
@@ -457,6 +570,7 @@ def test_at_most_max_pulls_run_at_once_and_all_complete(host: Host) -> None:
         releases[tag].callback(None)
         assert len(host.pulled()) == min(5, n + 3)
         assert host.mem.pulls_in_progress == min(2, 4 - n)
+    host.settle()
     fired(idle)
 
     assert host.mem.max_pulls_in_progress == 2
@@ -488,6 +602,7 @@ def test_request_whose_tags_all_wait_for_their_pull_joins_the_running_round(
     for u in joined:
         r.request(u)
     release.callback(None)
+    host.settle()
 
     assert host.pulled() == [f"{FOO}:a", f"{FOO}:b", f"{FOO}:c"]
     assert len(host.reports) == 1
@@ -516,6 +631,7 @@ def test_request_with_a_tag_outside_the_running_round_does_not_join_it(host: Hos
     every_tag = host.update(FOO)
     r.request(every_tag)
     hold_bar.callback(None)
+    host.settle()
 
     fired(r.wait_idle())
     [serving] = [rep for rep in host.reports if every_tag in rep.updates]
@@ -536,6 +652,7 @@ def test_request_during_its_tags_pull_gets_exactly_one_more_pull(host: Host) -> 
     newest = host.mem.publish(f"{FOO}:qa")
 
     release.callback(None)
+    host.settle()
 
     assert host.pulled() == [f"{FOO}:qa", f"{FOO}:qa"]
     assert [rep.updates for rep in host.reports] == [(first,), (second,)]
@@ -555,6 +672,7 @@ def test_a_hundred_requests_during_a_pull_cost_one_more_pull(host: Host) -> None
         r.request(u)
 
     release.callback(None)
+    host.settle()
 
     assert Counter(host.pulled()) == {f"{FOO}:qa": 2, f"{FOO}:prod": 2}
     assert len(host.reports) == 2
@@ -578,9 +696,11 @@ def test_no_request_is_lost(host: Host) -> None:
         r.request(sent[-1])
 
     release.callback(None)
+    host.settle()
     fired(r.wait_idle())
     sent.append(host.update(f"{BAR}:x"))
     r.request(sent[-1])
+    host.settle()
 
     assert all_updates(host.reports) == Counter(sent)  # each one exactly once
     # the requests that came while foo:a was held cost one more pull of each foo tag
@@ -614,8 +734,8 @@ def test_requests_that_joined_a_round_are_kept_when_the_engine_goes_away(host: H
 
 
 def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
-    host.stale(f"{FOO}:qa", "foo")
-    host.stale(f"{BAR}:qa", "bar")
+    foo_id, _, _ = host.stale(f"{FOO}:qa", "foo")
+    bar_id, _, _ = host.stale(f"{BAR}:qa", "bar")
     release: Deferred[None] = Deferred()
     host.mem.slow_pull(f"{FOO}:qa", release)
     r = host.reconciler()
@@ -623,14 +743,17 @@ def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
     start = len(host.mem.calls)
 
     r.request(host.update(f"{BAR}:qa"))  # another repository: served at once
+    host.settle()
     bar = host.mem.find_container("bar")
-    assert bar is not None and not bar.running
+    assert bar is not None and bar.running and bar.id != bar_id
     assert host.calls_since(start) == [
         ("GET", "/images/json"),
         ("GET", "/containers/json"),
         ("POST", PULL),
         ("GET", f"/images/{BAR}:qa/json"),
-        ("POST", f"/containers/{bar.id}/stop"),
+        ("GET", "/containers/bar/json"),  # the readiness wait looks at the name first
+        ("POST", f"/containers/{bar_id}/stop"),
+        ("GET", f"/containers/{bar.id}/json"),  # then at the container that started
     ]
     assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa",)]
 
@@ -640,13 +763,16 @@ def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
     assert host.calls_since(start) == []
 
     release.callback(None)
+    host.settle()
 
     foo = host.mem.find_container("foo")
-    assert foo is not None and not foo.running
+    assert foo is not None and foo.running and foo.id != foo_id
     assert host.calls_since(start) == [
         # the end of the first round for foo:qa
         ("GET", f"/images/{FOO}:qa/json"),
-        ("POST", f"/containers/{foo.id}/stop"),
+        ("GET", "/containers/foo/json"),
+        ("POST", f"/containers/{foo_id}/stop"),
+        ("GET", f"/containers/{foo.id}/json"),
         # the round for the request that waited: one more pull (the push may be newer)
         ("GET", "/images/json"),
         ("GET", "/containers/json"),
@@ -669,8 +795,10 @@ def test_a_tag_whose_pull_finished_is_replaced_while_its_round_still_pulls(host:
     r.request(host.update(FOO))
 
     assert not host.running(quick) and host.running(slow)
+    host.settle()
     assert host.reports == []  # the round reports once every tag is done
     release.callback(None)
+    host.settle()
     [report] = host.reports
     assert [s.name for s in report.stopped] == ["quick", "slow"]
     assert report.pulled[f"{FOO}:quick"] == quick_new
@@ -690,6 +818,7 @@ def test_a_hung_pull_fails_after_the_stall_timeout_while_other_repositories_depl
     r.request(host.update(f"{FOO}:qa"))
     host.clock.advance(1)
     r.request(host.update(f"{BAR}:qa"))
+    host.settle()
     assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa",)]
     assert not host.running(bar)
     # a minute later, another push of bar: served at once too
@@ -697,6 +826,7 @@ def test_a_hung_pull_fails_after_the_stall_timeout_while_other_repositories_depl
     replacement = host.run("bar-2", f"{BAR}:qa")
     new_bar = host.mem.publish(f"{BAR}:qa")
     r.request(host.update(f"{BAR}:qa"))
+    host.settle()
     assert len(host.reports) == 2
     assert host.reports[-1].pulled == {f"{BAR}:qa": new_bar}
     assert not host.running(replacement)
@@ -717,7 +847,46 @@ def test_a_hung_pull_fails_after_the_stall_timeout_while_other_repositories_depl
     fired(r.wait_idle())
 
 
-def test_stops_are_one_at_a_time_on_the_host() -> None:
+def test_replacements_of_different_apps_do_not_wait_for_each_other() -> None:
+    """Two rounds side by side: each app has its own rollout slots."""
+    host = Host()
+    host.stale(f"{FOO}:qa", "foo")
+    host.stale(f"{BAR}:qa", "bar")
+    engine = Held(host)
+    r = host.reconciler(engine)
+
+    r.request(host.update(f"{FOO}:qa"))
+    r.request(host.update(f"{BAR}:qa"))
+
+    assert engine.stopping == ["foo", "bar"]
+    engine.finish()
+    engine.finish()
+    host.settle()
+    assert [[s.name for s in rep.stopped] for rep in host.reports] == [["foo"], ["bar"]]
+    fired(r.wait_idle())
+
+
+def test_the_containers_of_one_app_are_replaced_one_at_a_time() -> None:
+    host = Host()
+    host.stale(f"{FOO}:qa", "first")
+    host.run("second", f"{FOO}:qa")
+    engine = Held(host)
+    r = host.reconciler(engine)
+
+    r.request(host.update(f"{FOO}:qa"))
+
+    assert engine.stopping == ["second"]  # listed first
+    engine.finish()
+    assert engine.stopping == []  # its replacement is not ready yet: the slot is held
+    host.settle()
+    assert engine.stopping == ["first"]
+    engine.finish()
+    host.settle()
+    assert [s.name for s in host.reports[-1].stopped] == ["second", "first"]
+    fired(r.wait_idle())
+
+
+def test_without_a_rollout_stops_are_one_at_a_time_on_the_host() -> None:
     """Two rounds side by side: the second round's stop waits for the first's."""
     host = Host()
     host.stale(f"{FOO}:qa", "foo")
@@ -745,7 +914,7 @@ def test_requests_that_arrive_while_a_round_reads_the_engine_join_it() -> None:
     release: Deferred[None] = Deferred()
     host.mem.slow_pull(f"{FOO}:qa", release)
     engine = Held(host, hold_stops=False)
-    r = Reconciler(host.clock, engine, kill_timeout=KILL_TIMEOUT, observers=[host.reports.append])
+    r = host.reconciler(engine)
     r.request(host.update(f"{FOO}:qa"))
     start = len(host.mem.calls)
 
@@ -754,11 +923,13 @@ def test_requests_that_arrive_while_a_round_reads_the_engine_join_it() -> None:
     r.request(host.update(f"{BAZ}:qa"))  # joins it
     r.request(host.update(FOO))  # wants foo:qa, which is being pulled: waits for that
     listing.callback(None)
+    host.settle()
 
     assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa", f"{BAZ}:qa")]
     assert Counter(host.calls_since(start))[("GET", "/images/json")] == 1
     assert sorted(s.name for s in host.reports[0].stopped) == ["bar", "baz"]
     release.callback(None)
+    host.settle()
     fired(r.wait_idle())
     assert [rep.patterns for rep in host.reports] == [
         (f"{BAR}:qa", f"{BAZ}:qa"), (f"{FOO}:qa",), (FOO,)
@@ -818,6 +989,7 @@ def test_an_engine_that_goes_away_mid_round_keeps_the_requests_and_reports_the_s
     u = host.update(FOO)
     r.request(u)
     assert not host.running(quick)  # replaced while foo:slow still pulls
+    host.settle()
 
     host.mem.down = True
     release.callback(None)  # foo:slow's pull ends; the engine is gone when it is inspected
@@ -828,6 +1000,7 @@ def test_an_engine_that_goes_away_mid_round_keeps_the_requests_and_reports_the_s
     assert host.running(slow)
     host.mem.down = False
     host.clock.advance(1.0)
+    host.settle()
     fired(r.wait_idle())
     assert [rep.updates for rep in host.reports] == [(u,), (u,)]
     assert [s.name for s in host.reports[-1].stopped] == ["slow"]
@@ -853,7 +1026,7 @@ def test_stop_cancels_a_pending_retry(host: Host) -> None:
 # -- 8. engine calls per round -----------------------------------------------------------------
 
 
-def _round_calls(containers: int) -> tuple[Counter[tuple[str, str]], int]:
+def _round_calls(containers: int) -> tuple[Counter[tuple[str, str]], int, int]:
     host = Host()
     host.local(f"{FOO}:qa")
     for n in range(containers):
@@ -864,19 +1037,27 @@ def _round_calls(containers: int) -> tuple[Counter[tuple[str, str]], int]:
     r = host.reconciler()
 
     r.request(host.update(f"{FOO}:qa"))
+    host.settle()
 
     assert len(host.reports[-1].stopped) == containers
     calls = Counter(host.calls_since(start))
     stops = sum(n for (m, p), n in calls.items() if m == "POST" and p.endswith("/stop"))
-    others = Counter({k: n for k, n in calls.items() if not k[1].endswith("/stop")})
-    return others, stops
+    inspects = sum(n for (m, p), n in calls.items()
+                   if m == "GET" and p.startswith("/containers/") and p != "/containers/json")
+    others = Counter({k: n for k, n in calls.items()
+                      if not k[1].endswith("/stop")
+                      and not (k[1].startswith("/containers/") and k[1] != "/containers/json")})
+    return others, stops, inspects
 
 
 def test_engine_calls_per_round_do_not_grow_with_containers() -> None:
-    few, few_stops = _round_calls(3)
-    many, many_stops = _round_calls(30)
+    """Per stale container: its stop and the two inspects of its readiness wait (the name,
+    then the container that started); nothing else grows."""
+    few, few_stops, few_inspects = _round_calls(3)
+    many, many_stops, many_inspects = _round_calls(30)
 
     assert (few_stops, many_stops) == (3, 30)
+    assert (few_inspects, many_inspects) == (6, 60)
     assert few == many == {("GET", "/images/json"): 1, ("GET", "/containers/json"): 1,
                            ("POST", PULL): 1, ("GET", f"/images/{FOO}:qa/json"): 1}
 
@@ -899,6 +1080,7 @@ def test_failing_observer_breaks_neither_the_round_nor_later_rounds(
 
     r.request(host.update(f"{FOO}:qa"))
     r.request(host.update(f"{BAR}:qa"))
+    host.settle()
 
     assert [[s.name for s in rep.stopped] for rep in host.reports] == [["foo"], ["bar"]]
     assert seen == host.reports

@@ -1,4 +1,5 @@
-"""The update round against a real dockerd and a real registry."""
+"""The update round against a real dockerd and a real registry, with the rollout the daemon
+uses (standalone slots and pauses, ``--replace stop``, readiness from the engine's events)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ from twisted.internet.task import deferLater
 
 from deployer.docker import DockerClient
 from deployer.engine_address import engine_agent, engine_pool
+from deployer.events import EngineEvents
 from deployer.model import Update
+from deployer.readiness import ReadyRules
 from deployer.reconcile import Reconciler, RoundReport
 from deployer.reference import parse_reference
+from deployer.replace import ReplaceMode
+from deployer.replacers import StopReplacer
+from deployer.rollout import wiring
+from deployer.rollout_round import Rollout
+from deployer.rounds import Result
 from deployer.testing.agents import CountingAgent
 from tests.stack.docker_stack import (
     Dockerd,
@@ -29,23 +37,40 @@ pytestmark = pytest.mark.real
 
 
 class Engine:
-    """A real DockerClient whose requests are counted."""
+    """A real DockerClient whose requests are counted, and the engine's event stream."""
 
     def __init__(self, dockerd: Dockerd, pull_stall_timeout: float = 120.0) -> None:
         self.pool = engine_pool(reactor)
         self.agent = CountingAgent(engine_agent(reactor, dockerd.url, self.pool))
         self.client = DockerClient(reactor, self.agent, pool=self.pool,
                                    pull_stall_timeout=pull_stall_timeout)
+        self.events = EngineEvents(reactor, self.client)
+
+    async def start(self) -> Engine:
+        self.events.startService()
+        await _until(lambda: self.events.live, 10, "the engine's event stream")
+        return self
+
+    async def close(self) -> None:
+        await self.events.stopService()
+        await self.client.close()
 
 
 @pytest_twisted.async_yield_fixture
 async def engine(clean_dockerd: Dockerd) -> AsyncIterator[Engine]:
-    e = Engine(clean_dockerd)
+    e = await Engine(clean_dockerd).start()
     yield e
-    await e.client.close()
+    await e.close()
 
 
-def reconciler(engine: Engine, reports: list[RoundReport], **kw: Any) -> Reconciler:
+def reconciler(engine: Engine, reports: list[RoundReport], rollout: bool = True,
+               ready_timeout: float = 30.0, **kw: Any) -> Reconciler:
+    """The round as the daemon has it; ``rollout=False``: the round alone (stops, no wait)."""
+    if rollout:
+        rules = ReadyRules(min_ready=1.0, ready_timeout=ready_timeout)
+        replacer = StopReplacer(reactor, engine.client, engine.events, rules, kill_timeout=5)
+        kw["rollout"] = Rollout(reactor, engine.client, wiring.standalone(reactor, hostname="t"),
+                                {ReplaceMode.STOP: replacer}, hostname="t")
     return Reconciler(reactor, engine.client, kill_timeout=5, observers=[reports.append], **kw)
 
 
@@ -73,7 +98,9 @@ async def test_supervised_container_ends_up_on_the_new_image(
 
     assert [s.name for s in reports[-1].stopped] == [supervisor.name]
     assert reports[-1].pulled == {ref: v2.image_id}
-    second = await supervisor.wait_running_image(v2.image_id)
+    [outcome] = reports[-1].outcomes
+    assert outcome.result is Result.REPLACED, outcome
+    second = await supervisor.wait_running_image(v2.image_id, timeout=1)  # ready already
     assert second != first
 
 
@@ -132,7 +159,9 @@ async def test_failed_pull_stops_nothing(
 async def test_container_whose_tag_moved_before_the_round_is_stale(
     engine: Engine, clean_dockerd: Dockerd, image_builder: ImageBuilder,
 ) -> None:
-    """The container list then shows an image id; the container's own config names the tag."""
+    """The container list then shows an image id; the container's own config names the tag.
+    Nothing supervises it: once stopped it stays down, so after ``--ready_timeout`` the host
+    starts it again, puts the tag back and pauses the app."""
     repo = unique("app")
     ref = image_builder.ref(repo, "qa")
     image_builder.publish(ref, "v1")
@@ -143,15 +172,28 @@ async def test_container_whose_tag_moved_before_the_round_is_stale(
     listed = json.loads(clean_dockerd.api("GET", "/containers/json")[1])
     assert any(c["Id"] == container and c["Image"] != ref for c in listed)
 
+    v1 = clean_dockerd.inspect(container)["Image"]  # type: ignore[index]
     reports: list[RoundReport] = []
-    r = reconciler(engine, reports)
+    r = reconciler(engine, reports, ready_timeout=3.0)
     r.request(update(ref))
+
+    def stopped() -> bool:
+        state = clean_dockerd.inspect(container)
+        return state is not None and not state["State"]["Running"]
+
+    await _until(stopped, 30, "the stop")
     await r.wait_idle()
 
     assert [s.id for s in reports[-1].stopped] == [container]
     assert reports[-1].stopped[0].new_image == v2.image_id
+    [outcome] = reports[-1].outcomes
+    assert (outcome.result, outcome.reason) == (Result.ROLLED_BACK, "no_replacement")
     state = clean_dockerd.inspect(container)
-    assert state is not None and not state["State"]["Running"]
+    assert state is not None and state["State"]["Running"] and state["Image"] == v1
+    assert clean_dockerd.image_id(ref) == v1
+    assert r.rollout is not None
+    record = await r.rollout.rollouts.pauses.get(ref)
+    assert record is not None and record.image_id == v2.image_id
 
 
 async def _round_calls(engine: Engine, dockerd: Dockerd, builder: ImageBuilder,
@@ -164,7 +206,7 @@ async def _round_calls(engine: Engine, dockerd: Dockerd, builder: ImageBuilder,
         run_container(dockerd, ref)
     builder.publish(ref, "v2")
     reports: list[RoundReport] = []
-    r = reconciler(engine, reports)
+    r = reconciler(engine, reports, rollout=False)  # the round's own calls; nothing restarts
     await engine.client.version()
     engine.agent.reset()
     r.request(update(ref))
@@ -223,14 +265,15 @@ async def _until(check: Callable[[], bool], timeout: float, what: str) -> float:
 @pytest_twisted.ensureDeferred
 async def test_a_hung_registry_stalls_only_its_own_pull(
     clean_dockerd: Dockerd, image_builder: ImageBuilder,
-    hanging_registry: HangingRegistry,
+    hanging_registry: HangingRegistry, supervisor_factory: Callable[..., Any],
 ) -> None:
     """The hung pull fails after the stall timeout with nothing stopped; a request for another
-    repository sent while it hangs deploys at once."""
+    repository sent while it hangs deploys at once (its supervised container replaced and
+    ready)."""
     fake = hanging_registry
     fake_host = fake.host
     stall = 5.0
-    engine = Engine(clean_dockerd, pull_stall_timeout=stall)
+    engine = await Engine(clean_dockerd, pull_stall_timeout=stall).start()
     try:
         ok = image_builder.ref(unique("app"), "qa")
         v1 = image_builder.publish(ok, "v1")
@@ -238,7 +281,8 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
         hung = f"{fake_host}/{unique('hung')}:qa"
         await clean_dockerd.acli("tag", ok, hung)
         hung_container = run_container(clean_dockerd, hung, unique("c"))
-        ok_container = run_container(clean_dockerd, ok, unique("c"))
+        ok_supervisor = supervisor_factory(unique("c"), ok)
+        ok_container = await ok_supervisor.wait_running_image(v1.image_id)
         v2 = image_builder.publish(ok, "v2")
 
         reports: list[RoundReport] = []
@@ -255,6 +299,7 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
         [served] = reports
         assert served.patterns == (ok,) and served.pulled == {ok: v2.image_id}
         assert [s.id for s in served.stopped] == [ok_container]
+        assert [o.result for o in served.outcomes] == [Result.REPLACED]
         assert took < 4.0, f"deployed {took:.1f} s after the request (sent {sent - began:.1f} s in)"
 
         await r.wait_idle()
@@ -270,4 +315,4 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
         assert state["Image"] == v1.image_id
         assert any("/manifests/qa" in seen for seen in fake.seen)
     finally:
-        await engine.client.close()
+        await engine.close()

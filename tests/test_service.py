@@ -26,7 +26,7 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from deployer.config import Config
 from deployer.service import DeployerService
@@ -40,6 +40,74 @@ ENGINE = "/run/engine.sock"
 FOO = "registry.test:5000/myorg/foo:qa"
 ETCD = ("127.0.0.1", 2379)
 RECORDER = ("127.0.0.1", 9000)
+
+
+class EngineExtras(Resource):
+    """The in-memory engine with what it does not serve yet: ``GET /events`` (a stream that
+    stays open), ``POST /containers/{id}/start`` and ``POST /images/{name}/tag``. A stop tells
+    the stream that the container died and, while :attr:`supervised`, a supervisor runs it
+    again at once on what its tag points at (as ``Restart=always`` does)."""
+
+    isLeaf = True
+
+    def __init__(self, mem: MemoryDocker) -> None:
+        super().__init__()
+        self.mem = mem
+        self.inner = mem.resource()
+        self.streams: list[Any] = []
+        self.supervised = True
+        self.stopped: list[str] = []
+        mem.on_stop(self._stopped)
+
+    def emit(self, action: str, container: Any) -> None:
+        line = json.dumps({
+            "Type": "container", "Action": action, "status": action, "id": container.id,
+            "Actor": {"ID": container.id,
+                      "Attributes": {"name": container.name, "image": container.image_ref}},
+            "time": int(container.created), "timeNano": int(container.created * 1e9),
+        }).encode() + b"\n"
+        for request in list(self.streams):
+            request.write(line)
+
+    def _stopped(self, container: Any) -> None:
+        self.stopped.append(container.name)
+        self.emit("die", container)
+        if self.supervised:
+            new = self.mem.restart_like_supervisor(container)
+            self.emit("start", self.mem.containers[new])
+
+    def render(self, request: Any) -> Any:
+        path = request.path.decode()
+        method = request.method.decode()
+        tail = path.split("/", 2)[2] if path.startswith("/v1.") else path.lstrip("/")
+        if method == "GET" and tail == "events":
+            request.setHeader(b"Content-Type", b"application/json")
+            request.write(b"")
+            self.streams.append(request)
+            request.notifyFinish().addBoth(lambda _: self.streams.remove(request))
+            return NOT_DONE_YET
+        parts = tail.split("/")
+        if method == "POST" and parts[0] == "containers" and parts[-1] == "start":
+            container = self.mem.find_container(parts[1])
+            if container is None:
+                request.setResponseCode(404)
+                return b'{"message": "No such container"}'
+            container.running = True
+            self.emit("start", container)
+            request.setResponseCode(204)
+            return b""
+        if method == "POST" and parts[0] == "images" and parts[-1] == "tag":
+            name = "/".join(parts[1:-1])
+            repo = request.args[b"repo"][0].decode()
+            tag = request.args[b"tag"][0].decode()
+            image = self.mem.image_id(name)
+            if image is None:
+                request.setResponseCode(404)
+                return b'{"message": "No such image"}'
+            self.mem.add_image([f"{repo}:{tag}"], image_id=image)
+            request.setResponseCode(201)
+            return b""
+        return self.inner.render(request)
 
 
 def etcd_gateway(clock: IReactorTime) -> IResource:
@@ -148,6 +216,7 @@ class Daemon:
     net: Network
     mem: MemoryDocker
     recorder: Recorder
+    engine: EngineExtras
 
     def request(self, method: str, path: str, body: bytes = b"",
                 token: str = TOKEN) -> tuple[int, Any]:
@@ -188,6 +257,11 @@ class Daemon:
         body = json.dumps({"repository": repository, "tag": tag}).encode()
         return self.request("POST", "/api/deploy", body)
 
+    def wait(self, d: Deferred[Any]) -> Any:
+        """The result of ``d``, once the network has carried what it waits for."""
+        self.net.flush()
+        return fired(d)
+
     def sample(self, name: str, **labels: str) -> float | None:
         value: float | None = self.service.metrics.registry.get_sample_value(name, labels)
         return value
@@ -218,18 +292,20 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         mem.add_image([FOO])
         mem.run("web", FOO)
         mem.publish(FOO)
-        net.serve_unix(ENGINE, mem.resource())
+        engine = EngineExtras(mem)
+        net.serve_unix(ENGINE, engine)
         recorder = Recorder()
         net.serve_tcp(RECORDER, recorder)
         if serve_etcd:
             net.serve_tcp(ETCD, etcd_gateway(reactor))
         changes.setdefault("repull_period", 0.0)
+        changes.setdefault("min_ready", 0.0)  # ready on the reactor's next turn
         config = Config(docker=f"unix://{ENGINE}", webhook_tokens=(TOKEN,), hostname="host-a",
                         **changes)
         service = DeployerService.from_config(config, reactor, max_connections=max_connections)
         service.startService()
         net.flush()
-        daemon = Daemon(service, reactor, net, mem, recorder)
+        daemon = Daemon(service, reactor, net, mem, recorder, engine)
         started.append(daemon)
         return daemon
 
@@ -240,7 +316,7 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def stopped(daemon: Daemon) -> list[str]:
-    return [daemon.mem.containers[cid].name for cid, _ in daemon.mem.stops]
+    return list(daemon.engine.stopped)
 
 
 # -- the round's observers -------------------------------------------------------------------------
@@ -457,3 +533,76 @@ def test_standalone_rollouts_need_no_lease(start: Any) -> None:
     daemon = start()
     assert daemon.service.rollouts.keeper is None
     assert daemon.service.events.running
+
+
+# -- the rollout -----------------------------------------------------------------------------------
+
+
+def test_a_replacement_goes_through_the_rollout_and_is_counted(start: Any) -> None:
+    daemon = start()
+    old_web = daemon.mem.find_container("web")
+    assert old_web is not None
+    daemon.deploy("registry.test:5000/myorg/foo", "qa")
+    web = daemon.mem.find_container("web")
+    assert web is not None and web.running and web.id != old_web.id
+    assert web.image_id == daemon.mem.image_id(FOO)
+    assert daemon.sample("deployer_replacements_total", result="replaced") == 1
+    assert daemon.sample("deployer_rollout_slot_wait_seconds_count") == 1
+    assert daemon.sample("deployer_rollout_duration_seconds_count") == 1
+    assert daemon.sample("deployer_rollbacks_total", reason="no_replacement") is None
+    doc = daemon.wait(daemon.service.rollouts.status.document())
+    state = doc["hosts"]["host-a"]["apps"][FOO]
+    assert state["image_id"] == web.image_id and state["containers"] == ["web"]
+    assert state["last_round"]["result"] == "replaced"
+
+
+@pytest.mark.parametrize("fleet", [False, True], ids=["standalone", "fleet"])
+def test_without_a_supervisor_the_container_is_started_again_the_app_paused_and_told(
+    start: Any, fleet: bool,
+) -> None:
+    etcd = {"etcd_nodes": (f"http://{ETCD[0]}:{ETCD[1]}",)} if fleet else {}
+    daemon = start(ready_timeout=10.0, notify_url=f"http://{RECORDER[0]}:{RECORDER[1]}/hook",
+                   slack_webhook_url=f"http://{RECORDER[0]}:{RECORDER[1]}/slack", **etcd)
+    daemon.engine.supervised = False
+    web = daemon.mem.find_container("web")
+    assert web is not None
+    old = web.image_id
+    daemon.deploy("registry.test:5000/myorg/foo", "qa")
+    assert not web.running
+    new = daemon.mem.image_id(FOO)
+    assert new != old
+    for _ in range(11):
+        daemon.reactor.advance(1)
+        daemon.net.flush()
+
+    assert web.running and daemon.mem.find_container("web") is web  # started again
+    assert daemon.mem.image_id(FOO) == old  # the tag is back on the previous build
+    assert daemon.sample("deployer_rollbacks_total", reason="no_replacement") == 1
+    assert daemon.sample("deployer_rollout_pauses_total") == 1
+    assert daemon.sample("deployer_replacements_total", result="rolled_back") == 1
+    record = daemon.wait(daemon.service.rollouts.pauses.get(FOO))
+    assert record is not None and (record.image_id, record.host) == (new, "host-a")
+    [slack] = [b for b in daemon.recorder.bodies("/slack") if "paused" in b["text"]]
+    assert slack["text"].startswith(f"Rollout of {FOO} paused on host-a: no_replacement: ")
+    [hook] = [b for b in daemon.recorder.bodies("/hook") if b.get("event") == "rollout_paused"]
+    assert (hook["app"], hook["image_id"], hook["previous_image"]) == (FOO, new, old)
+    doc = daemon.wait(daemon.service.rollouts.status.document())
+    assert doc["apps"][FOO]["paused"]["reason"].startswith("no_replacement")
+
+
+def test_recreate_mode_takes_nothing_down_until_it_is_available(start: Any) -> None:
+    from deployer.replace import ReplaceMode
+
+    daemon = start(replace=ReplaceMode.RECREATE)
+    daemon.deploy("registry.test:5000/myorg/foo", "qa")
+    assert stopped(daemon) == [] and daemon.mem.stops == []
+    assert daemon.sample("deployer_replacements_total", result="error") == 1
+    assert daemon.sample("deployer_rounds_total", result="error") == 1
+
+
+def test_label_enable_leaves_containers_without_the_label_alone(start: Any) -> None:
+    daemon = start(label_enable=True)
+    daemon.deploy("registry.test:5000/myorg/foo", "qa")
+    assert [p.repotag for p in daemon.mem.pulls] == [FOO]  # pulled all the same
+    assert daemon.mem.stops == []
+    assert daemon.sample("deployer_replacements_total", result="replaced") is None
