@@ -42,8 +42,9 @@ from deployer.notify import (
 )
 from deployer.readiness import ReadyRules
 from deployer.reconcile import Reconciler, RoundReport
+from deployer.recreate import RecreateReplacer
 from deployer.replace import ReplaceMode, Replacer
-from deployer.replacers import RefusingReplacer, StopReplacer
+from deployer.replacers import StopReplacer
 from deployer.rollout import wiring
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.wiring import Rollouts
@@ -140,9 +141,8 @@ def replacers(
     rules = ReadyRules(min_ready=config.min_ready, ready_timeout=config.ready_timeout)
     return {
         ReplaceMode.STOP: StopReplacer(reactor, docker, events, rules, config.kill_timeout),
-        ReplaceMode.RECREATE: RefusingReplacer(
-            ReplaceMode.RECREATE, "is not available in this build of deployer"
-        ),
+        ReplaceMode.RECREATE: RecreateReplacer(reactor, docker, events, rules,
+                                               config.kill_timeout),
     }
 
 

@@ -11,8 +11,9 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from deployer.rollout import wiring
-from deployer.rollout.testing import MemoryEtcd, Switch
+from deployer.rollout.testing import Link
 from deployer.rounds import Result
+from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
 from tests.rollout_fakes import Build, SimHost, run_until
 
@@ -27,12 +28,12 @@ V3 = "sha256:" + "3" * 64
 class Fleet:
     def __init__(self, clock: Clock, size: int = 3, max_unavailable: int = 1) -> None:
         self.clock = clock
-        self.etcd = MemoryEtcd(clock)
-        self.links: list[Switch] = []
+        self.etcd = FakeEtcd(clock, progress_interval=None)
+        self.links: list[Link] = []
         self.hosts: list[SimHost] = []
         for n in range(1, size + 1):
-            link = Switch(self.etcd)
-            parts = wiring.fleet(link, clock, prefix=PREFIX, hostname=f"h{n}",
+            link = Link(self.etcd, clock)
+            parts = wiring.fleet(link.etcd, clock, prefix=PREFIX, hostname=f"h{n}",
                                  max_unavailable=max_unavailable, ttl=5)
             assert parts.keeper is not None
             parts.keeper.startService()
@@ -124,7 +125,7 @@ def test_a_bad_build_stops_at_the_first_host_and_the_next_push_resumes(
         assert host.engine.image_of(APP) == fleet.old  # the tag went back
         assert [o.result for o in host.outcomes] == [Result.PAUSED]
     assert fleet.down_max == 1
-    pause = fleet.etcd.get(f"{PREFIX}/_/paused/{APP}")
+    pause = fleet.etcd.value(f"{PREFIX}/_/paused/{APP}")
     assert pause["image_id"] == V2 and pause["host"] == "h1"
     assert pause["reason"].startswith("unhealthy")
     assert [len(h.notices) for h in fleet.hosts] == [1, 0, 0]
@@ -136,7 +137,7 @@ def test_a_bad_build_stops_at_the_first_host_and_the_next_push_resumes(
     fleet.deploy()
     fleet.settle()
 
-    assert fleet.etcd.get(f"{PREFIX}/_/paused/{APP}") is None
+    assert fleet.etcd.value(f"{PREFIX}/_/paused/{APP}") is None
     assert all(h.engine.named("web").image_id == V3 for h in fleet.hosts)  # type: ignore[union-attr]
     assert all(h.outcomes[-1].result is Result.REPLACED for h in fleet.hosts)
     assert fleet.down_max == 1

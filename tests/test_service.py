@@ -590,14 +590,16 @@ def test_without_a_supervisor_the_container_is_started_again_the_app_paused_and_
     assert doc["apps"][FOO]["paused"]["reason"].startswith("no_replacement")
 
 
-def test_recreate_mode_takes_nothing_down_until_it_is_available(start: Any) -> None:
+def test_each_replace_mode_has_its_replacer(start: Any) -> None:
+    from deployer.recreate import RecreateReplacer
     from deployer.replace import ReplaceMode
+    from deployer.replacers import StopReplacer
 
     daemon = start(replace=ReplaceMode.RECREATE)
-    daemon.deploy("registry.test:5000/myorg/foo", "qa")
-    assert stopped(daemon) == [] and daemon.mem.stops == []
-    assert daemon.sample("deployer_replacements_total", result="error") == 1
-    assert daemon.sample("deployer_rounds_total", result="error") == 1
+    rollout = daemon.service.reconciler.rollout
+    assert rollout is not None and rollout.mode is ReplaceMode.RECREATE
+    assert isinstance(rollout.replacers[ReplaceMode.RECREATE], RecreateReplacer)
+    assert isinstance(rollout.replacers[ReplaceMode.STOP], StopReplacer)
 
 
 def test_label_enable_leaves_containers_without_the_label_alone(start: Any) -> None:
