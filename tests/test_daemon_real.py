@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.stack.daemon import Daemon
-from tests.stack.docker_stack import Dockerd, ImageBuilder, run_container, unique
+from tests.stack.docker_stack import Dockerd, ImageBuilder, Supervisor, run_container, unique
 
 pytestmark = pytest.mark.real
 
@@ -211,6 +211,7 @@ class _Recorder:
 
 def test_slack_and_the_report_hear_what_was_deployed(
     clean_dockerd: Dockerd, image_builder: ImageBuilder, daemon_factory: Callable[..., Daemon],
+    supervisor_factory: Callable[..., Supervisor],
 ) -> None:
     recorder = _Recorder()
     try:
@@ -219,11 +220,11 @@ def test_slack_and_the_report_hear_what_was_deployed(
         image_builder.publish(ref, "v1")
         clean_dockerd.cli("pull", ref)
         name = unique("c")
-        run_container(clean_dockerd, ref, name)
+        supervisor_factory(name, ref)  # the supervisor starts it again on the new build
         daemon = daemon_factory(
             "--docker", clean_dockerd.url, "--repull_period", "0", "--hostname", "host-a",
             "--slack_webhook_url", f"{recorder.url}/slack", "--slack_username", "qa deploy",
-            "--notify_url", f"{recorder.url}/hook",
+            "--notify_url", f"{recorder.url}/hook", "--min_ready", "1s",
         )
         v2 = image_builder.publish(ref, "v2")
         status, _ = daemon.post_json("/api/deploy", {"repository": ref.rsplit(":", 1)[0],

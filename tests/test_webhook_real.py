@@ -131,6 +131,11 @@ def test_a_docker_push_alone_deploys(
 
     assert len(accepted(v1_digest)) == 1, log[-3000:]
     assert len(accepted(v2_digest)) == 1, log[-3000:]
+    # The round is counted once the replacement is ready (running for --min_ready).
+    deadline = time.monotonic() + 30
+    while metrics(daemon).get(("deployer_containers_stopped_total", ())) != 1:
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.2)
     m = metrics(daemon)
     counts = webhook_counts(m, "registry")
     assert set(counts) == {"200"}, counts  # every delivery acknowledged, none refused
