@@ -20,18 +20,18 @@ timer runs on the clock given.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from deployer.backoff import RetryPolicy, backoff
+from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.errors import EtcdError
 from deployer.rollout.gateway import (
     LEASE_GRANT,
@@ -248,36 +248,33 @@ class LeaseKeeper(Service):
             finally:
                 self._keeping = None
 
-    async def _grant(self) -> Lease:
-        attempt = 0
-        while True:
-            sent = self.clock.seconds()
-            d = call(self.gateway, LEASE_GRANT, {"TTL": self.ttl})
-            try:
-                reply = await cancel_after(d, self.request_timeout, self.clock, "lease grant")
-                lease_id, ttl = as_int(reply.get("ID")), as_int(reply.get("TTL"))
-                if lease_id <= 0 or ttl <= 0:
-                    raise EtcdError(f"etcd granted no usable lease: {reply!r}")
-            except CancelledError:
-                raise
-            except Exception as e:
-                delay = self.retry(attempt)
-                attempt += 1
-                self._reason = (
-                    f"{self._last_loss}; etcd did not grant a new one: {describe(e)}"
-                    if self._last_loss
-                    else f"no lease: etcd did not grant one: {describe(e)}"
-                )
-                self.log.warn(
-                    "rollout lease: etcd did not grant one ({attempt} failed): {why};"
-                    " trying again in {delay:.1f}s",
-                    attempt=attempt,
-                    why=describe(e),
-                    delay=delay,
-                )
-                await deferLater(self.clock, delay)
-                continue
-            return Lease(lease_id, ttl, sent)
+    def _grant(self) -> Coroutine[Any, Any, Lease]:
+        """A new lease, asked for until etcd grants one."""
+        return retrying(self.retry, self.clock, self._grant_once, self._not_granted)
+
+    async def _grant_once(self) -> Lease:
+        sent = self.clock.seconds()
+        d = call(self.gateway, LEASE_GRANT, {"TTL": self.ttl})
+        reply = await cancel_after(d, self.request_timeout, self.clock, "lease grant")
+        lease_id, ttl = as_int(reply.get("ID")), as_int(reply.get("TTL"))
+        if lease_id <= 0 or ttl <= 0:
+            raise EtcdError(f"etcd granted no usable lease: {reply!r}")
+        return Lease(lease_id, ttl, sent)
+
+    def _not_granted(self, error: Exception, failures: int, delay: float) -> None:
+        why = describe(error)
+        self._reason = (
+            f"{self._last_loss}; etcd did not grant a new one: {why}"
+            if self._last_loss
+            else f"no lease: etcd did not grant one: {why}"
+        )
+        self.log.warn(
+            "rollout lease: etcd did not grant one ({attempt} failed): {why};"
+            " trying again in {delay:.1f}s",
+            attempt=failures,
+            why=why,
+            delay=delay,
+        )
 
     def _hold(self, lease: Lease) -> None:
         self._last_loss = ""
