@@ -24,7 +24,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -33,6 +32,7 @@ from twisted.python.failure import Failure
 
 from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.errors import EtcdError
+from deployer.loops import LoopService
 from deployer.rollout.gateway import (
     LEASE_GRANT,
     LEASE_KEEPALIVE,
@@ -106,7 +106,7 @@ GrantedObserver = Callable[[Lease], object]
 LostObserver = Callable[[Lease, str], object]
 
 
-class LeaseKeeper(Service):
+class LeaseKeeper(LoopService):
     """Holds one etcd lease at a time for as long as it runs (see the module docstring).
 
     ``held`` and ``reason`` say whether a lease is held, and why not (for ``/healthz``);
@@ -143,7 +143,6 @@ class LeaseKeeper(Service):
         self._waiting: list[Deferred[Lease]] = []
         self._granted: list[GrantedObserver] = []
         self._lost: list[LostObserver] = []
-        self._run: Deferred[None] | None = None
         self._keeping: _Keepalive | None = None
 
     # -- what holders see ---------------------------------------------------------------------
@@ -196,16 +195,11 @@ class LeaseKeeper(Service):
     # -- the service --------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
         self._reason = "no lease yet: asking etcd for one"
-        self._run = Deferred.fromCoroutine(self._keep_leases())
-        self._run.addErrback(self._crashed)
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        run, self._run = self._run, None
-        if run is not None:
-            run.cancel()
+        super().stopService()  # cancels the loop; stopping waits for the revoke below
         self._reason = "stopped"
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -217,8 +211,6 @@ class LeaseKeeper(Service):
         return Deferred.fromCoroutine(self._revoke(lease))
 
     def _crashed(self, failure: Failure) -> None:
-        if failure.check(CancelledError):
-            return
         self._reason = f"the lease keeper failed: {failure.getErrorMessage()}"
         self.log.failure("rollout lease keeper failed", failure)
 
@@ -237,7 +229,7 @@ class LeaseKeeper(Service):
         else:
             self.log.info("rollout lease {lease} revoked", lease=lease.hex)
 
-    async def _keep_leases(self) -> None:
+    async def _run(self) -> None:
         while True:
             lease = await self._grant()
             self._lease = lease
