@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -54,8 +54,23 @@ RETRIES_PER_TTL = 10
 a short interruption of etcd costs no lease."""
 
 
+T = TypeVar("T")
+
+
 class NoLease(EtcdError):
     """The keeper stopped before it held a lease."""
+
+
+def _waiter(waiting: list[Deferred[T]]) -> Deferred[T]:
+    """A new Deferred, in ``waiting`` until its owner fires it; cancelling it takes it out."""
+
+    def forget(d: Deferred[T]) -> None:
+        if d in waiting:
+            waiting.remove(d)
+
+    d: Deferred[T] = Deferred(forget)
+    waiting.append(d)
+    return d
 
 
 @attrs.define(eq=False)
@@ -82,14 +97,7 @@ class Lease:
         """Fires with the reason once the lease is lost (at once when it is already)."""
         if self.lost_reason is not None:
             return succeed(self.lost_reason)
-
-        def forget(d: Deferred[str]) -> None:
-            if d in self._losses:
-                self._losses.remove(d)
-
-        d: Deferred[str] = Deferred(forget)
-        self._losses.append(d)
-        return d
+        return _waiter(self._losses)
 
     def mark_lost(self, reason: str) -> bool:
         """Count the lease as lost (done by its keeper); False when it was already."""
@@ -167,14 +175,7 @@ class LeaseKeeper(LoopService):
         lease = self.current
         if lease is not None:
             return succeed(lease)
-
-        def forget(d: Deferred[Lease]) -> None:
-            if d in self._waiting:
-                self._waiting.remove(d)
-
-        d: Deferred[Lease] = Deferred(forget)
-        self._waiting.append(d)
-        return d
+        return _waiter(self._waiting)
 
     def observe(
         self, granted: GrantedObserver | None = None, lost: LostObserver | None = None
