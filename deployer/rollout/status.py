@@ -43,7 +43,7 @@ from deployer.rollout.gateway import (
 )
 from deployer.rollout.keys import RolloutKeys, check_hostname
 from deployer.rollout.lease import Lease, LeaseKeeper
-from deployer.rollout.pause import PauseRecord, Pauses
+from deployer.rollout.pause import PauseRecord, Pauses, pause_records
 from deployer.rollout.slots import LocalSlots
 
 
@@ -304,7 +304,10 @@ class EtcdStatus:
         except FirstError as e:
             e.subFailure.raiseException()
         return build_document(
-            self._hosts(hosts), self._paused(paused), self._queues(slots), self.clock.seconds()
+            self._hosts(hosts),
+            pause_records(self.keys, paused),
+            self._queues(slots),
+            self.clock.seconds(),
         )
 
     def _hosts(self, kvs: list[KeyValue]) -> dict[str, HostState]:
@@ -317,18 +320,6 @@ class EtcdStatus:
                 out[name] = HostState.from_json(kv.json())
             except ValueError as e:
                 self.log.warn("unreadable host status at {key}: {why}", key=kv.key, why=e)
-        return out
-
-    def _paused(self, kvs: list[KeyValue]) -> dict[str, PauseRecord]:
-        out = {}
-        for kv in kvs:
-            app = self.keys.paused_app(kv.key)
-            if app is None:
-                continue
-            try:
-                out[app] = PauseRecord.from_json(kv.json())
-            except ValueError:
-                out[app] = PauseRecord.unreadable(app, kv.value)
         return out
 
     def _queues(self, kvs: list[KeyValue]) -> dict[str, list[InLine]]:
