@@ -11,7 +11,6 @@ its reason): a pause is never lifted by accident.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -28,6 +27,8 @@ from deployer.rollout.gateway import (
     get_prefix,
     json_value,
     key_values,
+    number_field,
+    text_field,
 )
 from deployer.rollout.keys import RolloutKeys, app_name
 
@@ -59,15 +60,11 @@ class PauseRecord:
         """The record :meth:`to_json` wrote; :class:`ValueError` says what is wrong."""
         if not isinstance(obj, Mapping):
             raise ValueError("a pause record is a JSON object")
-        for name in ("app", "image_id", "host", "reason"):
-            if not isinstance(obj.get(name), str):
-                raise ValueError(f"{name} must be a string")
-        digest, time = obj.get("digest"), obj.get("time")
-        if digest is not None and not isinstance(digest, str):
-            raise ValueError("digest must be a string or null")
-        if not isinstance(time, int | float) or isinstance(time, bool) or not math.isfinite(time):
-            raise ValueError("time must be a finite number")
-        return cls(obj["app"], obj["image_id"], digest, obj["host"], obj["reason"], float(time))
+        app, image_id, host, reason = (
+            text_field(obj, name) for name in ("app", "image_id", "host", "reason")
+        )
+        digest = text_field(obj, "digest", optional=True)
+        return cls(app, image_id, digest, host, reason, number_field(obj, "time"))
 
     @classmethod
     def unreadable(cls, app: str, value: bytes) -> PauseRecord:
