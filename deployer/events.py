@@ -20,8 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -30,6 +29,7 @@ from twisted.web.iweb import IResponse
 
 from deployer.backoff import RetryPolicy, backoff
 from deployer.lines import JSONLinesReader
+from deployer.loops import LoopService
 
 log = Logger()
 
@@ -170,7 +170,7 @@ class _Subscriber:
         self.source._subscribers.pop(self, None)
 
 
-class EngineEvents(Service):
+class EngineEvents(LoopService):
     """One engine's container events, for as long as the service runs (see the module).
 
     :attr:`live` is True while a stream is open, :attr:`reason` says why not;
@@ -195,7 +195,6 @@ class EngineEvents(Service):
             self._filters["event"] = list(actions)
         self.what = what
         self._subscribers: dict[_Subscriber, None] = {}  # in the order they came
-        self._loop: Deferred[None] | None = None
         self._at_last: set[tuple[str, str]] = set()
         self.last_time_nano = 0
         self.live = False
@@ -219,24 +218,13 @@ class EngineEvents(Service):
 
     # -- the service ----------------------------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = Deferred.fromCoroutine(self._run())
-        self._loop.addErrback(self._ended)
-
     def stopService(self) -> Deferred[None]:
-        super().stopService()
         self.live = False
         self.reason = "stopped"
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return succeed(None)
-        loop.cancel()
-        return loop
+        return super().stopService()
 
-    def _ended(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            log.failure("the event stream of {what} ended", failure, what=self.what)
+    def _crashed(self, failure: Failure) -> None:
+        log.failure("the event stream of {what} ended", failure, what=self.what)
 
     async def _run(self) -> None:
         # stopService cancels what the loop awaits; a cancelled request fails with whatever the

@@ -12,9 +12,9 @@ is marked failed, so that the member in use moves to the next one, and every lis
 member). So a member that stops answering is noticed at most ``interval + dial_timeout <= 2 x
 dial_timeout`` after its last answer.
 
-The check runs only while ``active()`` says so: the watch runs it while its stream is
-established; while it is not, its own attempts, each within ``dial_timeout``, find the members
-that answer.
+The check runs only while :attr:`MemberProbe.active` says so: the watch starts and stops the
+probe with itself and runs the check while its stream is established; while it is not, its own
+attempts, each within ``dial_timeout``, find the members that answer.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 from base64 import b64encode
 from collections.abc import Callable
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -30,14 +30,16 @@ from twisted.python.failure import Failure
 
 from deployer.errors import EtcdHTTPError
 from deployer.etcd.client import EXPECTED_FAILURES, Gateway, describe
+from deployer.loops import LoopService
 
 PROBE_INTERVAL = 2.0
 """Seconds between two checks of the member in use (at most ``dial_timeout``)."""
 
 
-class MemberProbe:
-    """Checks the member in use every :attr:`interval` seconds while ``active()`` (see the
-    module docstring); :attr:`listeners` are called with ``(url, why)`` when it fails."""
+class MemberProbe(LoopService):
+    """Checks the member in use every :attr:`interval` seconds while :attr:`active` returns
+    True, for as long as the service runs (see the module docstring); :attr:`listeners` are
+    called with ``(url, why)`` when it fails."""
 
     log = Logger()
 
@@ -52,36 +54,19 @@ class MemberProbe:
         self.gateway = gateway
         self.interval = min(interval, gateway.dial_timeout)
         self.body = {"key": b64encode(key).decode(), "serializable": True, "count_only": True}
+        self.active: Callable[[], bool] = lambda: True
         self.listeners: list[Callable[[str, str], object]] = []
         self.checks = 0
         self.failures = 0
-        self.running = False
-        self._loop: Deferred[None] | None = None
 
-    def start(self, active: Callable[[], bool] = lambda: True) -> None:
-        if not self.running:
-            self.running = True
-            self._loop = Deferred.fromCoroutine(self._run(active))
-            self._loop.addErrback(self._ended)
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("the etcd liveness check ended", failure)
 
-    def stop(self) -> Deferred[None]:
-        """Stop checking; fires once the check in flight, if any, is cancelled."""
-        self.running = False
-        loop, self._loop = self._loop, None
-        if loop is None:
-            return succeed(None)
-        loop.cancel()
-        return loop
-
-    def _ended(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            self.log.failure("the etcd liveness check ended", failure)
-
-    async def _run(self, active: Callable[[], bool]) -> None:
+    async def _run(self) -> None:
         members = self.gateway.members
         while self.running:
             await deferLater(self.reactor, self.interval)  # a cancel raises CancelledError
-            if not active():
+            if not self.active():
                 continue
             index = members.current
             url = members.nodes[index]

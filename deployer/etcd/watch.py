@@ -30,8 +30,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -45,6 +44,7 @@ from deployer.etcd.config import EtcdConfig
 from deployer.etcd.layout import InvalidKey, KeyLayout
 from deployer.etcd.liveness import MemberProbe
 from deployer.lines import JSONLinesReader
+from deployer.loops import LoopService
 from deployer.model import Update
 
 MAX_BACKOFF = 30.0
@@ -74,7 +74,7 @@ async def read_all(
     return int(result.header.revision), list(result.kvs)
 
 
-class WatchService(Service):
+class WatchService(LoopService):
     """Delivers every update recorded under the prefix to ``on_update``, for as long as it runs.
 
     Starts with a catch-up read of every key, then watches (see the module docstring). Any
@@ -105,7 +105,6 @@ class WatchService(Service):
         self._on_update = on_update
         self._retry_delay = backoff(config.retry_delay, max_backoff, floor=MIN_RETRY_DELAY,
                                     rng=rng)
-        self._loop: Deferred[None] | None = None
         self._failures = 0
         self._url = ""
         self._quiet: IDelayedCall | None = None
@@ -113,6 +112,7 @@ class WatchService(Service):
         self.probe = probe
         if probe is not None:
             probe.listeners.append(self._member_failed)
+            probe.active = lambda: self.live
         self.revision = 0  # the last revision processed; the watch resumes after it
         self.live = False
         self.reason = "not started"
@@ -121,25 +121,17 @@ class WatchService(Service):
         self.on_reconnect: Callable[[], object] = lambda: None
 
     def startService(self) -> None:
-        super().startService()
         if self.probe is not None:  # first: the loop may stop the service before it returns
-            self.probe.start(active=lambda: self.live)
-        self._loop = Deferred.fromCoroutine(self._run())
-        self._loop.addErrback(self._ended)
+            self.probe.startService()
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
         self.live = False
         self.reason = "stopped"
-        stopped = [self.probe.stop()] if self.probe is not None else []
-        loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.cancel()
-            stopped.append(loop)
-        if not stopped:
-            return succeed(None)
-        done = DeferredList(stopped, consumeErrors=True)
-        return done.addCallback(lambda _: None)
+        if self.probe is None:
+            return super().stopService()
+        stopped = [self.probe.stopService(), super().stopService()]
+        return DeferredList(stopped, consumeErrors=True).addCallback(lambda _: None)
 
     def _member_failed(self, url: str, why: str) -> None:
         """The liveness check found ``url`` not answering: end the stream on it, if any."""
@@ -147,10 +139,8 @@ class WatchService(Service):
         if reader is not None and self._url == url and not reader.done.called:
             reader.fail(EtcdUnavailable(f"no answer to the liveness check: {why}"))
 
-    def _ended(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            self.log.failure("the etcd watch of {prefix} ended", failure,
-                             prefix=self._layout.prefix)
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("the etcd watch of {prefix} ended", failure, prefix=self._layout.prefix)
 
     async def _run(self) -> None:
         # stopService cancels what the loop awaits. A cancelled HTTP request fails with what the

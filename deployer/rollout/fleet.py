@@ -21,13 +21,14 @@ slot is taken: :meth:`FleetSlots.acquire` waits for the next lease and queues an
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from deployer.backoff import RetryPolicy, backoff
+from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.errors import EtcdError
 from deployer.rollout.gateway import (
     KV_DELETE,
@@ -52,6 +53,8 @@ POLL_INTERVAL = 0.1
 
 MAX_POLL_INTERVAL = 2.0
 """Seconds between two looks at the queue, at most (hosts far back in the line)."""
+
+T = TypeVar("T")
 
 
 class FleetSlots:
@@ -162,26 +165,23 @@ class FleetSlots:
             ],
             "failure": [{"request_range": {"key": b64(key)}}],
         }
-        attempt = 0
-        while lease.alive:
+
+        async def txn() -> dict[str, Any] | None:
+            """etcd's answer; None once the lease is lost."""
+            if not lease.alive:
+                return None
             try:
-                reply = await call(self.gateway, KV_TXN, body)
-            except CancelledError:
-                raise
+                return await call(self.gateway, KV_TXN, body)
             except Exception as e:
-                if is_lease_not_found(e):
-                    self.keeper.invalidate(lease, "etcd no longer knows it (seen taking a slot)")
-                    return None
-                delay = self.retry(attempt)
-                attempt += 1
-                self.log.warn(
-                    "could not queue for a rollout slot of {app}: {why}; again in {delay:.1f}s",
-                    app=app,
-                    why=describe(e),
-                    delay=delay,
-                )
-                await deferLater(self.clock, delay)
-                continue
+                if not is_lease_not_found(e):
+                    raise
+                self.keeper.invalidate(lease, "etcd no longer knows it (seen taking a slot)")
+                return None
+
+        while True:
+            reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
+            if reply is None:
+                return None
             if reply.get("succeeded", False):
                 return revision(reply)
             responses = reply.get("responses") or [{}]
@@ -191,40 +191,34 @@ class FleetSlots:
             if existing[0].lease != lease.id:
                 raise EtcdError(f"{key} is bound to lease {existing[0].lease:x}, not ours")
             return existing[0].create_revision  # ours, left by an earlier wait: our place
-        return None
 
     async def _wait_turn(
         self, app: str, key: str, container: str, created: int, lease: Lease
     ) -> bool:
         """True once this host holds a slot; False when its key or its lease is gone."""
-        attempt = 0
+
+        async def read() -> tuple[int, list[KeyValue]] | None:
+            """The revision of the read and the app's keys created up to ours, oldest first;
+            None once the lease is lost."""
+            if not lease.alive:
+                return None
+            return await get_prefix(
+                self.gateway,
+                self.keys.slots(app),
+                sort_order="ASCEND",
+                sort_target="CREATE",
+                max_create_revision=str(created),
+                serializable=True,
+            )
+
         place = -1
-        while lease.alive:
-            try:
-                read, kvs = await get_prefix(
-                    self.gateway,
-                    self.keys.slots(app),
-                    sort_order="ASCEND",
-                    sort_target="CREATE",
-                    max_create_revision=str(created),
-                    serializable=True,
-                )
-            except CancelledError:
-                raise
-            except Exception as e:
-                delay = self.retry(attempt)
-                attempt += 1
-                self.log.warn(
-                    "could not read the rollout queue of {app}: {why}; again in {delay:.1f}s",
-                    app=app,
-                    why=describe(e),
-                    delay=delay,
-                )
-                await deferLater(self.clock, delay)
-                continue
-            attempt = 0
+        while True:
+            got = await self._retrying(read, "read the rollout queue of {app}", app=app)
+            if got is None:
+                return False
+            read_at, kvs = got
             self.polls += 1
-            if read < created:  # a member that has not applied our write yet
+            if read_at < created:  # a member that has not applied our write yet
                 await self._sleep(app, self.poll_interval)
                 continue
             queue = [kv for kv in kvs if self.keys.slot_lease(app, kv.key) is not None]
@@ -250,7 +244,6 @@ class FleetSlots:
                     holders=", ".join(_describe(kv) for kv in ahead[: self.limit]),
                 )
             await self._sleep(app, self._interval(behind))
-        return False
 
     def _interval(self, behind: int) -> float:
         """How long to wait before the next look, ``behind`` releases away from a slot: the
@@ -304,30 +297,35 @@ class FleetSlots:
         return after(pending)
 
     async def _delete(self, app: str, key: str, lease: Lease) -> None:
-        attempt = 0
-        while True:
+        async def delete() -> bool:
+            """Whether this deleted the key (False: it goes with its lost lease)."""
             try:
                 await call(self.gateway, KV_DELETE, {"key": b64(key)})
             except Exception as e:
-                if not lease.alive:
-                    self.log.info(
-                        "rollout slot key {key} goes with its lost lease ({why})",
-                        key=key,
-                        why=describe(e),
-                    )
-                    return
-                delay = self.retry(attempt)
-                attempt += 1
-                self.log.warn(
-                    "could not free the rollout slot {key}: {why}; again in {delay:.1f}s",
+                if lease.alive:
+                    raise
+                self.log.info(
+                    "rollout slot key {key} goes with its lost lease ({why})",
                     key=key,
                     why=describe(e),
-                    delay=delay,
                 )
-                await deferLater(self.clock, delay)
-                continue
+                return False
+            return True
+
+        if await self._retrying(delete, "free the rollout slot {key}", key=key):
             self.log.debug("rollout slot of {app} freed ({key})", app=app, key=key)
-            return
+
+    def _retrying(self, attempt: Callable[[], Awaitable[T]], what: str, **fields: object
+                  ) -> Coroutine[Any, Any, T]:
+        """``attempt()`` until it returns (see :func:`~deployer.backoff.retrying`), each failure
+        logged as "could not <what>: <why>; again in <delay>s" (``what`` a log format, with
+        ``fields``)."""
+
+        def failed(error: Exception, failures: int, delay: float) -> None:
+            self.log.warn("could not " + what + ": {why}; again in {delay:.1f}s",
+                          why=describe(error), delay=delay, **fields)
+
+        return retrying(self.retry, self.clock, attempt, failed)
 
 
 def _describe(kv: KeyValue) -> str:

@@ -8,6 +8,7 @@ zero or false field is left out of an answer.
 from __future__ import annotations
 
 import json
+import math
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
@@ -143,6 +144,23 @@ def key_values(reply: Mapping[str, Any]) -> list[KeyValue]:
 def json_value(obj: Any) -> str:
     """A JSON value as a gateway value (base64 of compact JSON)."""
     return b64(json.dumps(obj, separators=(",", ":"), sort_keys=True))
+
+
+def number_field(obj: Mapping[str, Any], name: str) -> float:
+    """The finite number ``obj[name]`` of a value read back; :class:`ValueError` if it is not."""
+    value = obj.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    return float(value)
+
+
+def text_field(obj: Mapping[str, Any], name: str, optional: bool = False) -> Any:
+    """The string ``obj[name]`` (or None, when ``optional``) of a value read back;
+    :class:`ValueError` if it is not."""
+    value = obj.get(name)
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise ValueError(f"{name} must be a string" + (" or null" if optional else ""))
+    return value
 
 
 # -- the requests rollouts make ---------------------------------------------------------------

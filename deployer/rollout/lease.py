@@ -20,19 +20,19 @@ timer runs on the clock given.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import attrs
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from deployer.backoff import RetryPolicy, backoff
+from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.errors import EtcdError
+from deployer.loops import LoopService
 from deployer.rollout.gateway import (
     LEASE_GRANT,
     LEASE_KEEPALIVE,
@@ -54,8 +54,23 @@ RETRIES_PER_TTL = 10
 a short interruption of etcd costs no lease."""
 
 
+T = TypeVar("T")
+
+
 class NoLease(EtcdError):
     """The keeper stopped before it held a lease."""
+
+
+def _waiter(waiting: list[Deferred[T]]) -> Deferred[T]:
+    """A new Deferred, in ``waiting`` until its owner fires it; cancelling it takes it out."""
+
+    def forget(d: Deferred[T]) -> None:
+        if d in waiting:
+            waiting.remove(d)
+
+    d: Deferred[T] = Deferred(forget)
+    waiting.append(d)
+    return d
 
 
 @attrs.define(eq=False)
@@ -82,14 +97,7 @@ class Lease:
         """Fires with the reason once the lease is lost (at once when it is already)."""
         if self.lost_reason is not None:
             return succeed(self.lost_reason)
-
-        def forget(d: Deferred[str]) -> None:
-            if d in self._losses:
-                self._losses.remove(d)
-
-        d: Deferred[str] = Deferred(forget)
-        self._losses.append(d)
-        return d
+        return _waiter(self._losses)
 
     def mark_lost(self, reason: str) -> bool:
         """Count the lease as lost (done by its keeper); False when it was already."""
@@ -106,7 +114,7 @@ GrantedObserver = Callable[[Lease], object]
 LostObserver = Callable[[Lease, str], object]
 
 
-class LeaseKeeper(Service):
+class LeaseKeeper(LoopService):
     """Holds one etcd lease at a time for as long as it runs (see the module docstring).
 
     ``held`` and ``reason`` say whether a lease is held, and why not (for ``/healthz``);
@@ -143,7 +151,6 @@ class LeaseKeeper(Service):
         self._waiting: list[Deferred[Lease]] = []
         self._granted: list[GrantedObserver] = []
         self._lost: list[LostObserver] = []
-        self._run: Deferred[None] | None = None
         self._keeping: _Keepalive | None = None
 
     # -- what holders see ---------------------------------------------------------------------
@@ -168,14 +175,7 @@ class LeaseKeeper(Service):
         lease = self.current
         if lease is not None:
             return succeed(lease)
-
-        def forget(d: Deferred[Lease]) -> None:
-            if d in self._waiting:
-                self._waiting.remove(d)
-
-        d: Deferred[Lease] = Deferred(forget)
-        self._waiting.append(d)
-        return d
+        return _waiter(self._waiting)
 
     def observe(
         self, granted: GrantedObserver | None = None, lost: LostObserver | None = None
@@ -196,16 +196,11 @@ class LeaseKeeper(Service):
     # -- the service --------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
         self._reason = "no lease yet: asking etcd for one"
-        self._run = Deferred.fromCoroutine(self._keep_leases())
-        self._run.addErrback(self._crashed)
+        super().startService()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        run, self._run = self._run, None
-        if run is not None:
-            run.cancel()
+        super().stopService()  # cancels the loop; stopping waits for the revoke below
         self._reason = "stopped"
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -217,8 +212,6 @@ class LeaseKeeper(Service):
         return Deferred.fromCoroutine(self._revoke(lease))
 
     def _crashed(self, failure: Failure) -> None:
-        if failure.check(CancelledError):
-            return
         self._reason = f"the lease keeper failed: {failure.getErrorMessage()}"
         self.log.failure("rollout lease keeper failed", failure)
 
@@ -237,7 +230,7 @@ class LeaseKeeper(Service):
         else:
             self.log.info("rollout lease {lease} revoked", lease=lease.hex)
 
-    async def _keep_leases(self) -> None:
+    async def _run(self) -> None:
         while True:
             lease = await self._grant()
             self._lease = lease
@@ -248,36 +241,33 @@ class LeaseKeeper(Service):
             finally:
                 self._keeping = None
 
-    async def _grant(self) -> Lease:
-        attempt = 0
-        while True:
-            sent = self.clock.seconds()
-            d = call(self.gateway, LEASE_GRANT, {"TTL": self.ttl})
-            try:
-                reply = await cancel_after(d, self.request_timeout, self.clock, "lease grant")
-                lease_id, ttl = as_int(reply.get("ID")), as_int(reply.get("TTL"))
-                if lease_id <= 0 or ttl <= 0:
-                    raise EtcdError(f"etcd granted no usable lease: {reply!r}")
-            except CancelledError:
-                raise
-            except Exception as e:
-                delay = self.retry(attempt)
-                attempt += 1
-                self._reason = (
-                    f"{self._last_loss}; etcd did not grant a new one: {describe(e)}"
-                    if self._last_loss
-                    else f"no lease: etcd did not grant one: {describe(e)}"
-                )
-                self.log.warn(
-                    "rollout lease: etcd did not grant one ({attempt} failed): {why};"
-                    " trying again in {delay:.1f}s",
-                    attempt=attempt,
-                    why=describe(e),
-                    delay=delay,
-                )
-                await deferLater(self.clock, delay)
-                continue
-            return Lease(lease_id, ttl, sent)
+    def _grant(self) -> Coroutine[Any, Any, Lease]:
+        """A new lease, asked for until etcd grants one."""
+        return retrying(self.retry, self.clock, self._grant_once, self._not_granted)
+
+    async def _grant_once(self) -> Lease:
+        sent = self.clock.seconds()
+        d = call(self.gateway, LEASE_GRANT, {"TTL": self.ttl})
+        reply = await cancel_after(d, self.request_timeout, self.clock, "lease grant")
+        lease_id, ttl = as_int(reply.get("ID")), as_int(reply.get("TTL"))
+        if lease_id <= 0 or ttl <= 0:
+            raise EtcdError(f"etcd granted no usable lease: {reply!r}")
+        return Lease(lease_id, ttl, sent)
+
+    def _not_granted(self, error: Exception, failures: int, delay: float) -> None:
+        why = describe(error)
+        self._reason = (
+            f"{self._last_loss}; etcd did not grant a new one: {why}"
+            if self._last_loss
+            else f"no lease: etcd did not grant one: {why}"
+        )
+        self.log.warn(
+            "rollout lease: etcd did not grant one ({attempt} failed): {why};"
+            " trying again in {delay:.1f}s",
+            attempt=failures,
+            why=why,
+            delay=delay,
+        )
 
     def _hold(self, lease: Lease) -> None:
         self._last_loss = ""

@@ -11,8 +11,7 @@ its reason): a pause is never lifted by accident.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -28,6 +27,8 @@ from deployer.rollout.gateway import (
     get_prefix,
     json_value,
     key_values,
+    number_field,
+    text_field,
 )
 from deployer.rollout.keys import RolloutKeys, app_name
 
@@ -59,15 +60,11 @@ class PauseRecord:
         """The record :meth:`to_json` wrote; :class:`ValueError` says what is wrong."""
         if not isinstance(obj, Mapping):
             raise ValueError("a pause record is a JSON object")
-        for name in ("app", "image_id", "host", "reason"):
-            if not isinstance(obj.get(name), str):
-                raise ValueError(f"{name} must be a string")
-        digest, time = obj.get("digest"), obj.get("time")
-        if digest is not None and not isinstance(digest, str):
-            raise ValueError("digest must be a string or null")
-        if not isinstance(time, int | float) or isinstance(time, bool) or not math.isfinite(time):
-            raise ValueError("time must be a finite number")
-        return cls(obj["app"], obj["image_id"], digest, obj["host"], obj["reason"], float(time))
+        app, image_id, host, reason = (
+            text_field(obj, name) for name in ("app", "image_id", "host", "reason")
+        )
+        digest = text_field(obj, "digest", optional=True)
+        return cls(app, image_id, digest, host, reason, number_field(obj, "time"))
 
     @classmethod
     def unreadable(cls, app: str, value: bytes) -> PauseRecord:
@@ -80,6 +77,24 @@ class PauseRecord:
         return (bool(image_id) and image_id == self.image_id) or (
             digest is not None and digest == self.digest
         )
+
+
+def pause_record(app: str, kv: KeyValue) -> PauseRecord:
+    """The record at ``app``'s pause key; one that cannot be read still pauses the app."""
+    try:
+        return PauseRecord.from_json(kv.json())
+    except ValueError:
+        return PauseRecord.unreadable(app, kv.value)
+
+
+def pause_records(keys: RolloutKeys, kvs: Iterable[KeyValue]) -> dict[str, PauseRecord]:
+    """The record of every pause key among ``kvs``, by app."""
+    out = {}
+    for kv in kvs:
+        app = keys.paused_app(kv.key)
+        if app is not None:
+            out[app] = pause_record(app, kv)
+    return out
 
 
 class Pauses(Protocol):
@@ -154,7 +169,7 @@ class EtcdPauses:
             if not existing:
                 compare = {**compare, "target": "CREATE", "create_revision": "0"}
                 continue
-            old = self._record(record.app, existing[0])
+            old = pause_record(record.app, existing[0])
             if old.is_build(record.image_id, record.digest):
                 return False
             compare = {  # paused for another build: replace it, unless it changes meanwhile
@@ -165,16 +180,11 @@ class EtcdPauses:
     async def _get(self, app: str) -> PauseRecord | None:
         app = app_name(app)
         kv = await get_key(self.gateway, self.keys.paused(app))
-        return self._record(app, kv) if kv is not None else None
+        return pause_record(app, kv) if kv is not None else None
 
     async def _all(self) -> dict[str, PauseRecord]:
         _, kvs = await get_prefix(self.gateway, self.keys.paused_all)
-        out = {}
-        for kv in kvs:
-            app = self.keys.paused_app(kv.key)
-            if app is not None:
-                out[app] = self._record(app, kv)
-        return out
+        return pause_records(self.keys, kvs)
 
     async def _resume(self, app: str) -> bool:
         return await delete(self.gateway, self.keys.paused(app_name(app)))
@@ -183,16 +193,9 @@ class EtcdPauses:
         app = app_name(app)
         key = self.keys.paused(app)
         kv = await get_key(self.gateway, key)
-        if kv is None or self._record(app, kv).is_build(image_id, digest):
+        if kv is None or pause_record(app, kv).is_build(image_id, digest):
             return False
         return await delete(self.gateway, key, mod_revision=kv.mod_revision)
-
-    @staticmethod
-    def _record(app: str, kv: KeyValue) -> PauseRecord:
-        try:
-            return PauseRecord.from_json(kv.json())
-        except ValueError:
-            return PauseRecord.unreadable(app, kv.value)
 
 
 class MemoryPauses:

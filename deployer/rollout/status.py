@@ -24,7 +24,6 @@ and builds the document (:func:`build_document`)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -39,26 +38,14 @@ from deployer.rollout.gateway import (
     describe,
     get_prefix,
     is_lease_not_found,
+    number_field,
     put,
+    text_field,
 )
 from deployer.rollout.keys import RolloutKeys, check_hostname
 from deployer.rollout.lease import Lease, LeaseKeeper
-from deployer.rollout.pause import PauseRecord, Pauses
+from deployer.rollout.pause import PauseRecord, Pauses, pause_records
 from deployer.rollout.slots import LocalSlots
-
-
-def _number(obj: Mapping[str, Any], name: str) -> float:
-    value = obj.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number")
-    return float(value)
-
-
-def _text(obj: Mapping[str, Any], name: str, optional: bool = False) -> Any:
-    value = obj.get(name)
-    if not (isinstance(value, str) or (optional and value is None)):
-        raise ValueError(f"{name} must be a string" + (" or null" if optional else ""))
-    return value
 
 
 @attrs.frozen
@@ -98,13 +85,13 @@ class AppState:
         if last_round is not None:
             if not isinstance(last_round, Mapping):
                 raise ValueError("last_round must be an object or null")
-            time = None if last_round.get("time") is None else _number(last_round, "time")
-            result = _text(last_round, "result", optional=True)
+            time = None if last_round.get("time") is None else number_field(last_round, "time")
+            result = text_field(last_round, "result", optional=True)
         return cls(
-            _text(obj, "image_id"),
-            _text(obj, "digest", optional=True),
+            text_field(obj, "image_id"),
+            text_field(obj, "digest", optional=True),
             tuple(containers),
-            _text(obj, "health"),
+            text_field(obj, "health"),
             time,
             result,
         )
@@ -130,7 +117,7 @@ class HostState:
         if not isinstance(obj, Mapping) or not isinstance(obj.get("apps"), Mapping):
             raise ValueError("a host state is a JSON object with apps")
         apps = {str(app): AppState.from_json(state) for app, state in obj["apps"].items()}
-        return cls(_text(obj, "host"), _number(obj, "time"), apps)
+        return cls(text_field(obj, "host"), number_field(obj, "time"), apps)
 
 
 @attrs.frozen
@@ -304,7 +291,10 @@ class EtcdStatus:
         except FirstError as e:
             e.subFailure.raiseException()
         return build_document(
-            self._hosts(hosts), self._paused(paused), self._queues(slots), self.clock.seconds()
+            self._hosts(hosts),
+            pause_records(self.keys, paused),
+            self._queues(slots),
+            self.clock.seconds(),
         )
 
     def _hosts(self, kvs: list[KeyValue]) -> dict[str, HostState]:
@@ -317,18 +307,6 @@ class EtcdStatus:
                 out[name] = HostState.from_json(kv.json())
             except ValueError as e:
                 self.log.warn("unreadable host status at {key}: {why}", key=kv.key, why=e)
-        return out
-
-    def _paused(self, kvs: list[KeyValue]) -> dict[str, PauseRecord]:
-        out = {}
-        for kv in kvs:
-            app = self.keys.paused_app(kv.key)
-            if app is None:
-                continue
-            try:
-                out[app] = PauseRecord.from_json(kv.json())
-            except ValueError:
-                out[app] = PauseRecord.unreadable(app, kv.value)
         return out
 
     def _queues(self, kvs: list[KeyValue]) -> dict[str, list[InLine]]:
