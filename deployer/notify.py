@@ -174,9 +174,19 @@ async def _with_retries(
     return False
 
 
-def _doubling(first: float) -> RetryPolicy:
-    """``first`` seconds before the first retry, then twice as long each time."""
-    return backoff(first, cap=math.inf)
+def _deliver(
+    reactor: IReactorTime,
+    attempt: Callable[[], Awaitable[None]],
+    retries: int,
+    first_delay: float,
+    what: str,
+    where: str,
+) -> Deferred[None]:
+    """One delivery of a notifier: ``attempt``, retried ``retries`` times, ``first_delay``
+    seconds before the first retry, then twice as long each time. Never fails."""
+    tries = _with_retries(reactor, attempt, retries, backoff(first_delay, cap=math.inf),
+                          what, where)
+    return _never_fails(Deferred.fromCoroutine(tries), what)
 
 
 def _never_fails(d: Deferred[Any], what: str) -> Deferred[None]:
@@ -324,19 +334,8 @@ class SlackNotifier:
             if code != 200 or body.strip() != b"ok":
                 raise DeliveryFailed(f"Slack answered HTTP {code}: {body[:200]!r}")
 
-        return _never_fails(
-            Deferred.fromCoroutine(
-                _with_retries(
-                    self.reactor,
-                    attempt,
-                    self.retries,
-                    _doubling(self.backoff),
-                    "Slack notification",
-                    redact_url(self.webhook_url),
-                )
-            ),
-            "the Slack notifier",
-        )
+        return _deliver(self.reactor, attempt, self.retries, self.backoff,
+                        "Slack notification", redact_url(self.webhook_url))
 
 
 # -- a JSON webhook -------------------------------------------------------------------------------
@@ -433,19 +432,8 @@ class WebhookNotifier:
             if not 200 <= code < 300:
                 raise DeliveryFailed(f"answered HTTP {code}: {body[:200]!r}")
 
-        return _never_fails(
-            Deferred.fromCoroutine(
-                _with_retries(
-                    self.reactor,
-                    attempt,
-                    self.retries,
-                    _doubling(self.backoff),
-                    "Deployment report",
-                    redact_url(self.url, keep_path=True),
-                )
-            ),
-            "the webhook notifier",
-        )
+        return _deliver(self.reactor, attempt, self.retries, self.backoff,
+                        "Deployment report", redact_url(self.url, keep_path=True))
 
 
 @attrs.frozen
