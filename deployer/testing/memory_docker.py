@@ -85,8 +85,37 @@ def _api(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[..
     return decorate
 
 
+@implementer(IBodyProducer)
+class _FlushingProducer:
+    """A request body that pushes itself to the engine once written: treq writes bodies later,
+    on the global reactor's cooperator, outside any pump."""
+
+    def __init__(self, producer: IBodyProducer, flush: Callable[[], None]) -> None:
+        self._producer = producer
+        self._flush = flush
+        self.length = producer.length
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        def written(result: None) -> None:
+            self._flush()
+            return result
+
+        d: Deferred[None] = self._producer.startProducing(consumer)
+        return d.addCallback(written)
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
+
+
 class _Agent(RequestTraversalAgent):
-    """A :class:`RequestTraversalAgent` that refuses connections while the engine is down."""
+    """A :class:`RequestTraversalAgent` that refuses connections while the engine is down, and
+    delivers request bodies written later."""
 
     def __init__(self, engine: MemoryDocker) -> None:
         super().__init__(engine.resource())
@@ -98,6 +127,8 @@ class _Agent(RequestTraversalAgent):
     ) -> Deferred[IResponse]:
         if self._engine.down:
             return fail(ConnectionRefusedError("MemoryDocker is down"))
+        if bodyProducer is not None:
+            bodyProducer = _FlushingProducer(bodyProducer, self._engine.flush)
         response: Deferred[IResponse] = super().request(method, uri, headers, bodyProducer)
         return response
 
