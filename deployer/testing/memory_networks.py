@@ -61,7 +61,10 @@ class NetworkState:
             hostname = container.config.get("Hostname")
             if running and hostname:
                 wanted.append(hostname)
-            endpoint["Aliases"] = aliases + [a for a in wanted if a not in aliases]
+            for alias in wanted:
+                if alias not in aliases:
+                    aliases.append(alias)
+            endpoint["Aliases"] = aliases
         if not running:
             return
         endpoint["NetworkID"] = self.id
