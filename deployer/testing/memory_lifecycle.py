@@ -73,7 +73,7 @@ class Lifecycle:
         self.stopped(container)
         check = container.healthcheck
         if check is not None:
-            self._later(container, check.every, self._probe, container)
+            self._probe_at(container, (container.started or 0.0) + check.every)
         exits_after = container.behaviour.exits_after
         if exits_after is not None:
             self._later(container, exits_after, self._exit_by_itself, container)
@@ -101,12 +101,19 @@ class Lifecycle:
 
     # -- what containers do -----------------------------------------------------------------------
 
-    def _probe(self, container: ContainerState) -> None:
+    def _probe_at(self, container: ContainerState, at: float) -> None:
+        """The next probe at ``at`` (its interval counts from the last one's time, also when a
+        test's Clock leaps over several)."""
+        clock = self._engine.clock
+        assert clock is not None, "checked at start"
+        self._later(container, at - clock.seconds(),
+                    lambda c: self._probe(c, at), container)
+
+    def _probe(self, container: ContainerState, now: float) -> None:
         check, health = container.healthcheck, container.health
         if container.status != "running" or check is None or health is None:
             return
         engine = self._engine
-        now = engine._now()
         since_start = now - (container.started or now)
         code, output = container.behaviour.probe(since_start)
         exec_id = secrets.token_hex(32)
@@ -116,7 +123,7 @@ class Lifecycle:
         engine.container_event(container, "exec_die", execID=exec_id, exitCode=str(code))
         if health.record(ProbeResult(now, now, code, output), since_start, check):
             engine.container_event(container, f"health_status: {health.status}")
-        self._later(container, check.every, self._probe, container)
+        self._probe_at(container, now + check.every)
 
     def _exit_by_itself(self, container: ContainerState) -> None:
         if container.status != "running":
