@@ -4,7 +4,12 @@ real dockerd running the same scenario (``test_same_answers_as_the_real_engine``
 from __future__ import annotations
 
 import base64
+import http.client
+import itertools
 import json
+import re
+import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +25,7 @@ from zope.interface import implementer
 
 from deployer.docker import DockerClient
 from deployer.errors import DockerError, PullFailed
+from deployer.events import since_param
 from deployer.lines import JSONLinesReader
 from deployer.testing.memory_docker import (
     Behaviour,
@@ -36,6 +42,7 @@ from tests.stack.docker_stack import (
     run_container,
     unique,
 )
+from tests.stack.health_images import FAILING_TEST, build_health_image, memory_health_image
 
 REPO = "registry.test:5000/myorg/foo"
 
@@ -1037,3 +1044,296 @@ def test_a_hanging_registry_leaves_a_pull_without_an_answer(
     memory.flush()
     assert len(results) == 1
     assert memory.pulls_abandoned == [f"{REPO}:qa"] and memory.pulls_in_progress == 0
+
+
+# -- the lifecycle of containers, and their events, against a real engine ------------------------
+
+_HEX_ID = re.compile(r"\b[0-9a-f]{64}\b")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z")
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _real_api(dockerd: Dockerd) -> Callable[..., tuple[int, bytes]]:
+    def api(method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        conn = UnixHTTP(dockerd.socket)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={} if data is None else {
+                "Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    return api
+
+
+def _memory_api(memory: MemoryDocker) -> Callable[..., tuple[int, bytes]]:
+    raw = Raw(memory)
+
+    def api(method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        code, _, content = raw(method, path, body=body)
+        return code, content
+
+    return api
+
+
+class Ids:
+    """Every 64-hex id (and its 12-hex short form) as ``<n>``, numbered as first seen, and
+    every time as ``<time>``: answers of two engines made comparable."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def __call__(self, value: Any) -> Any:
+        text = json.dumps(value)
+        for found in _HEX_ID.findall(text):
+            self.names.setdefault(found, f"<{len(self.names) + 1}>")
+        for full, name in self.names.items():
+            text = text.replace(full, name).replace(full[:12], name)
+        return json.loads(_TIME.sub("<time>", text))
+
+
+def _differences(mine: Any, real: Any, where: str = "") -> list[str]:
+    """Where two JSON values differ: ``path: mine != real``."""
+    if isinstance(real, dict) and isinstance(mine, dict):
+        out = [f"{where}.{k}: missing here" for k in real if k not in mine]
+        out += [f"{where}.{k}: not in the real one" for k in mine if k not in real]
+        for key in real:
+            if key in mine:
+                out += _differences(mine[key], real[key], f"{where}.{key}")
+        return out
+    if isinstance(real, list) and isinstance(mine, list) and len(real) == len(mine):
+        return [d for i, (m, r) in enumerate(zip(mine, real, strict=True))
+                for d in _differences(m, r, f"{where}[{i}]")]
+    return [] if mine == real else [f"{where}: {mine!r} != {real!r}"]
+
+
+def _lifecycle(api: Callable[..., tuple[int, bytes]], repo: str, tag: str) -> Answers:
+    """Create, run, change and remove containers on a network; the answers by step."""
+    net, other, c1, c2, c3 = (f"{tag}-{n}" for n in ("net", "other", "c1", "c2", "c3"))
+    out: Answers = {}
+    out["pull"] = api("POST", f"/v1.41/images/create?fromImage={repo}&tag=qa")
+    out["tag"] = api("POST", f"/v1.41/images/{repo}:qa/tag?repo={repo}&tag=prod")
+    out["network"] = api("POST", "/v1.41/networks/create", {"Name": net})
+    out["other network"] = api("POST", "/v1.41/networks/create", {"Name": other})
+    out["create"] = api("POST", f"/v1.41/containers/create?name={c1}", {
+        "Image": f"{repo}:qa", "Env": ["A=1"], "Labels": {"role": "web"},
+        "ExposedPorts": {"8080/tcp": {}}, "WorkingDir": "/app",
+        "HostConfig": {"NetworkMode": net, "RestartPolicy": {"Name": "unless-stopped"}},
+        "NetworkingConfig": {"EndpointsConfig": {net: {"Aliases": ["web"]}}}})
+    out["inspect created"] = api("GET", f"/v1.41/containers/{c1}/json")
+    out["create again"] = api("POST", f"/v1.41/containers/create?name={c1}",
+                              {"Image": f"{repo}:qa"})
+    out["start"] = api("POST", f"/v1.41/containers/{c1}/start")
+    out["start again"] = api("POST", f"/v1.41/containers/{c1}/start")
+    out["rename"] = api("POST", f"/v1.41/containers/{c1}/rename?name={c1}x")
+    out["connect"] = api("POST", f"/v1.41/networks/{other}/connect",
+                         {"Container": f"{c1}x", "EndpointConfig": {"Aliases": ["api"]}})
+    out["connect again"] = api("POST", f"/v1.41/networks/{other}/connect",
+                               {"Container": f"{c1}x"})
+    out["connect unknown"] = api("POST", f"/v1.41/networks/{tag}-nonet/connect",
+                                 {"Container": f"{c1}x"})
+    out["inspect running"] = api("GET", f"/v1.41/containers/{c1}x/json")
+    out["list running"] = api("GET", "/v1.41/containers/json")
+    out["stop"] = api("POST", f"/v1.41/containers/{c1}x/stop?t=5")
+    out["inspect stopped"] = api("GET", f"/v1.41/containers/{c1}x/json")
+    out["restart"] = api("POST", f"/v1.41/containers/{c1}x/restart?t=5")
+    out["kill"] = api("POST", f"/v1.41/containers/{c1}x/kill")
+    out["kill again"] = api("POST", f"/v1.41/containers/{c1}x/kill")
+    out["create plain"] = api("POST", f"/v1.41/containers/create?name={c2}",
+                              {"Image": f"{repo}:prod"})
+    out["remove created"] = api("DELETE", f"/v1.41/containers/{c2}")
+    out["create another"] = api("POST", f"/v1.41/containers/create?name={c3}",
+                                {"Image": f"{repo}:qa", "Cmd": ["/bin/sh", "/app/run.sh"]})
+    out["start another"] = api("POST", f"/v1.41/containers/{c3}/start")
+    out["remove running"] = api("DELETE", f"/v1.41/containers/{c3}")
+    out["remove forced"] = api("DELETE", f"/v1.41/containers/{c3}?force=1")
+    out["list all"] = api("GET", "/v1.41/containers/json?all=1")
+    out["remove stopped"] = api("DELETE", f"/v1.41/containers/{c1}x")
+    return out
+
+
+def _comparable(step: str, body: bytes, ids: Ids, tag: str) -> Any:
+    if step == "pull":
+        return _pull_lines(body)
+    if not body.startswith((b"{", b"[")):
+        return body
+    value = json.loads(body)
+    if step.startswith("list"):
+        value = [{k: c[k] for k in ("Names", "Image", "Command", "Labels", "State", "Status",
+                                    "HostConfig", "Ports")}
+                 | {"Networks": sorted(c["NetworkSettings"]["Networks"])}
+                 for c in value if c["Names"][0].startswith(f"/{tag}-")]
+    elif step.startswith("inspect"):
+        state = {k: v for k, v in value["State"].items() if k != "Pid"}
+        networks = {name: {"Aliases": ep["Aliases"], "NetworkID": ep["NetworkID"],
+                           "addressed": bool(ep["IPAddress"] and ep["EndpointID"]),
+                           "Gateway": bool(ep["Gateway"]), "IPPrefixLen": bool(ep["IPPrefixLen"])}
+                    for name, ep in value["NetworkSettings"]["Networks"].items()}
+        value = {k: value[k] for k in ("Id", "Path", "Args", "Image", "Name", "RestartCount",
+                                       "Config", "HostConfig", "Mounts")} | {
+            "State": state, "Networks": networks,
+            "Ports": value["NetworkSettings"]["Ports"]}
+    return ids(value)
+
+
+@pytest.mark.real
+def test_same_lifecycle_and_events_as_the_real_engine(
+    clean_dockerd: Dockerd, registry: Registry, image_builder: ImageBuilder
+) -> None:
+    """Create, start, rename, connect, stop, restart, kill and remove containers on a real
+    engine and on the double holding the same image, then compare every answer and the events
+    (without the probes' exec_*), ids numbered as first seen."""
+    repo = f"{registry.host}/suite/{unique('life')}"
+    published = image_builder.publish(f"{repo}:qa", "v1")
+    real_api = _real_api(clean_dockerd)
+    since = time.time_ns()
+    tag = unique("lc")
+    try:
+        real = _lifecycle(real_api, repo, tag)
+        time.sleep(0.5)
+        code, body = real_api("GET", f"/v1.41/events?since={since_param(since)}&until="
+                                     f"{since_param(time.time_ns())}")
+        assert code == 200
+        real_events = [json.loads(line) for line in body.splitlines()]
+    finally:
+        for network in (f"{tag}-net", f"{tag}-other"):
+            real_api("DELETE", f"/v1.41/networks/{network}")
+
+    memory = MemoryDocker()
+    memory.publish(f"{repo}:qa", published.image_id, {"version": "v1"}, published.digest)
+    mine = _lifecycle(_memory_api(memory), repo, tag)
+
+    real_ids, my_ids = Ids(), Ids()
+    for step, (code, body) in real.items():
+        assert (step, mine[step][0]) == (step, code)
+        differences = _differences(_comparable(step, mine[step][1], my_ids, tag),
+                                   _comparable(step, body, real_ids, tag), step)
+        assert not differences, "\n".join(differences)
+
+    def events(messages: list[dict[str, Any]], ids: Ids) -> list[Any]:
+        ours = [m for m in messages if not m["Action"].startswith("exec_")
+                and m["Type"] != "volume" and (m["Type"] != "network" or tag in json.dumps(m))]
+        # dockerd goes through a container's networks in Go's map order: sort each run of
+        # network events
+        runs = itertools.groupby(ours, key=lambda m: m["Type"] == "network")
+        ordered = [m for network, run in runs for m in (
+            sorted(run, key=lambda m: (m["Action"], m["Actor"]["Attributes"]["name"]))
+            if network else run)]
+        return [ids({k: v for k, v in m.items() if k not in ("time", "timeNano")})
+                for m in ordered]
+
+    mine_events, real_events = events(memory.events.history, my_ids), events(real_events,
+                                                                              real_ids)
+    differences = _differences(mine_events, real_events, "events")
+    assert not differences, "\n".join(differences) + "\n" + "\n".join(
+        f"{m['Type']} {m['Action']} / {r['Type']} {r['Action']}"
+        for m, r in zip(mine_events, real_events, strict=False))
+
+
+def _health_scenario(api: Callable[..., tuple[int, bytes]], wait: Callable[[float], None],
+                     tag: str) -> dict[str, Any]:
+    """Run a healthy and a failing container, stop and start the healthy one; the states."""
+    out: dict[str, Any] = {}
+
+    def state(name: str) -> dict[str, Any]:
+        code, body = api("GET", f"/v1.41/containers/{tag}-{name}/json")
+        assert code == 200, body
+        found: dict[str, Any] = json.loads(body)["State"]
+        return found
+
+    for name, ref in (("good", f"{tag}:good"), ("bad", f"{tag}:bad")):
+        code, body = api("POST", f"/v1.41/containers/create?name={tag}-{name}", {"Image": ref})
+        assert code == 201, body
+        out[f"start {name}"] = api("POST", f"/v1.41/containers/{tag}-{name}/start")
+    out["starting"] = state("good")
+    wait(3.5)  # probes every second: healthy after one, unhealthy after two failing
+    out["healthy"], out["unhealthy"] = state("good"), state("bad")
+    listed = json.loads(api("GET", "/v1.41/containers/json")[1])
+    out["listed"] = sorted(c["Status"].partition(" (")[2] for c in listed
+                           if c["Names"][0].startswith(f"/{tag}-"))
+    out["stop"] = api("POST", f"/v1.41/containers/{tag}-good/stop?t=5")
+    out["stopped"] = state("good")
+    out["start again"] = api("POST", f"/v1.41/containers/{tag}-good/start")
+    out["started again"] = state("good")
+    return out
+
+
+def _health_view(out: dict[str, Any]) -> dict[str, Any]:
+    view = {}
+    for step, value in out.items():
+        if isinstance(value, tuple):
+            view[step] = value
+        elif isinstance(value, dict):
+            health = value.get("Health") or {}
+            log = health.get("Log") or []
+            view[step] = {
+                "Status": value["Status"], "Running": value["Running"],
+                "ExitCode": value["ExitCode"], "Health": health.get("Status"),
+                "failing": health.get("FailingStreak", 0) >= 2,
+                "probes": sorted({(p["ExitCode"], p["Output"]) for p in log}),
+                "log keys": sorted({k for p in log for k in p}),
+            }
+        else:
+            view[step] = value
+    return view
+
+
+@pytest.mark.real
+def test_same_health_as_the_real_engine(clean_dockerd: Dockerd) -> None:
+    """Health checks on a real engine and in the double with the same images: the states they
+    go through, the container list, and the events (each probe's exec_* included)."""
+    tag = unique("health")
+    build_health_image(clean_dockerd, f"{tag}:good", "v1")
+    build_health_image(clean_dockerd, f"{tag}:bad", "v1", test=FAILING_TEST)
+    real_api = _real_api(clean_dockerd)
+    since = time.time_ns()
+    real = _health_scenario(real_api, time.sleep, tag)
+    time.sleep(0.3)
+    code, body = real_api("GET", f"/v1.41/events?since={since_param(since)}&until="
+                                 f"{since_param(time.time_ns())}")
+    assert code == 200
+    real_events = [json.loads(line) for line in body.splitlines()]
+
+    clock = Clock()
+    clock.advance(time.time())
+    memory = MemoryDocker(clock=clock)
+    memory_health_image(memory, f"{tag}:good", "v1")
+    memory_health_image(memory, f"{tag}:bad", "v1", test=FAILING_TEST)
+
+    def wait(seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            clock.advance(0.1)
+
+    mine = _health_scenario(_memory_api(memory), wait, tag)
+    differences = _differences(_health_view(mine), _health_view(real), "health")
+    assert not differences, "\n".join(differences)
+
+    def actions(messages: list[dict[str, Any]], name: str) -> list[str]:
+        return [m["Action"] for m in messages if m["Type"] == "container"
+                and m["Actor"]["Attributes"]["name"] == f"{tag}-{name}"
+                and not m["Action"].startswith("exec_")]
+
+    for name in ("good", "bad"):
+        assert actions(memory.events.history, name) == actions(real_events, name), name
+    assert actions(real_events, "good") == [
+        "create", "start", "health_status: healthy", "kill", "die", "stop", "start"]
+
+    def probe(messages: list[dict[str, Any]]) -> list[Any]:
+        first = next(i for i, m in enumerate(messages) if m["Action"].startswith("exec_create"))
+        return [(m["Action"], sorted(m["Actor"]["Attributes"]), m["status"], m["from"])
+                for m in messages[first:first + 3]]
+
+    assert probe(memory.events.history) == probe(real_events)

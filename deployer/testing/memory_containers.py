@@ -96,16 +96,21 @@ def container_config(body: Mapping[str, Any], image: ImageState,
     given = Healthcheck.from_json(user.get("Healthcheck"))
     image_check = Healthcheck.from_json(base.get("Healthcheck"))
     check = given.merged(image_check) if given is not None else image_check
-    user["Healthcheck"] = check.to_json() if check is not None else None
+    user.pop("Healthcheck", None)
+    if check is not None:
+        user["Healthcheck"] = check.to_json()
     user["Hostname"] = user.get("Hostname") or container_id[:12]
     return ordered_config(user)
 
 
 def host_config(given: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``HostConfig`` as the engine shows it: ``given`` over the defaults."""
+    """``HostConfig`` as the engine shows it: ``given`` over the defaults (``Runtime`` only once
+    it ran, unless the create gave a ``HostConfig``)."""
     out = copy.deepcopy(dict(_HOST_CONFIG))
     for key, value in (given or {}).items():
         out[key] = copy.deepcopy(value)
+    if given is not None and not out.get("Runtime"):
+        out["Runtime"] = "runc"
     out["NetworkMode"] = out.get("NetworkMode") or "default"
     policy = out.get("RestartPolicy") or {}
     out["RestartPolicy"] = {"Name": policy.get("Name", ""),
@@ -242,7 +247,7 @@ class ContainerState:
         for port in self.config.get("ExposedPorts") or {}:
             out[port] = None
         for port, bindings in (self.host_config.get("PortBindings") or {}).items():
-            out[port] = [{"HostIp": ip, "HostPort": b["HostPort"]} for b in bindings
+            out[port] = [{"HostIp": ip, "HostPort": b["HostPort"]} for b in bindings or ()
                          for ip in ((b["HostIp"],) if b["HostIp"] else ("0.0.0.0", "::"))]
         return out
 
@@ -261,14 +266,12 @@ class ContainerState:
     def summary(self, listed_image: str, now: float) -> dict[str, Any]:
         """The container as ``GET /containers/json`` lists it."""
         ports: list[dict[str, Any]] = []
-        bound = self.host_config.get("PortBindings") or {}
-        for port in sorted({*(self.config.get("ExposedPorts") or {}), *bound}):
+        for port, bindings in sorted(self._ports().items()):  # only while it runs
             number, _, proto = port.partition("/")
-            if self.status == "running" and bound.get(port):
-                ports += [{"IP": ip, "PrivatePort": int(number), "PublicPort": int(b["HostPort"]),
-                           "Type": proto or "tcp"}
-                          for b in bound[port]
-                          for ip in ((b["HostIp"],) if b["HostIp"] else ("0.0.0.0", "::"))]
+            if bindings:
+                ports += [{"IP": b["HostIp"], "PrivatePort": int(number),
+                           "PublicPort": int(b["HostPort"]), "Type": proto or "tcp"}
+                          for b in bindings]
             else:
                 ports.append({"PrivatePort": int(number), "Type": proto or "tcp"})
         networks = {name: {**ep, "Aliases": None} for name, ep in self.networks.items()}
