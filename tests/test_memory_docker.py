@@ -303,6 +303,8 @@ async def test_on_stop_acts_as_supervisor(docker: MemoryDocker, client: DockerCl
     assert (new.name, new.image, new.image_id) == ("web", f"{REPO}:qa", v2)
     assert new.id != old
     assert docker.stops == [(old, 3)]
+    assert docker.events.actions(old) == ["create", "start", "kill", "die", "stop", "destroy"]
+    assert docker.events.actions(new.id) == ["create", "start"]
 
 
 @pytest_twisted.ensureDeferred
@@ -853,7 +855,9 @@ def test_supervise_runs_a_new_container_of_the_tag_whenever_it_stops(
     timed: MemoryDocker, clock: Clock
 ) -> None:
     v1 = timed.add_image([f"{REPO}:qa"], healthcheck=CHECK)
+    before = timed.run("web", f"{REPO}:qa")
     supervisor = timed.supervise("web", f"{REPO}:qa", delay=0.2)
+    assert before not in timed.containers, "it starts with docker rm -f NAME"
     first = timed.find_container("web")
     assert first is not None and first.image_id == v1 and supervisor.runs == 1
     v2 = timed.add_image([f"{REPO}:qa"], healthcheck=CHECK, behaviour=Behaviour.dies(3, 1))

@@ -133,11 +133,6 @@ class Behaviour:
             self.unhealthy_after is None or elapsed < self.unhealthy_after)
         return (0, "") if passing else (1, self.probe_output)
 
-    @property
-    def timed(self) -> bool:
-        """Whether a container of it does anything by itself after its start."""
-        return self.exits_after is not None
-
 
 STEADY = Behaviour()
 """Runs until stopped; its probes pass."""

@@ -50,7 +50,7 @@ class Engine(Protocol):
 
     def remove(self, name_or_id: str) -> None: ...
 
-    def run(self, name: str | None, image_ref: str, labels: None = None) -> str: ...
+    def run(self, name: str | None, image_ref: str) -> str: ...
 
 
 class Lifecycle:
@@ -172,8 +172,9 @@ class MemorySupervisor:
         self._pending: IDelayedCall | None = None
 
     def start(self) -> MemorySupervisor:
+        """``docker rm -f NAME; docker run --name NAME IMAGE``, and so on."""
         self.active = True
-        self._run()
+        self._again()
         return self
 
     def stop(self) -> None:
