@@ -9,6 +9,8 @@ unchanged against both.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -21,8 +23,10 @@ from deployer.errors import (
     DockerError,
     DockerUnavailable,
     ImageNotFound,
+    NotFound,
     PullFailed,
 )
+from deployer.events import since_param
 from deployer.reference import parse_reference
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
 from tests.stack.docker_stack import (
@@ -64,6 +68,18 @@ class Engine(Protocol):
 
     async def wait_running_image(self, name: str, image_id: str) -> str:
         """The id of the running container NAME once it runs ``image_id``."""
+
+    def add_network(self, name: str) -> str:
+        """``docker network create NAME``; its id."""
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        """The container as the engine shows it, seen without the client."""
+
+    def actions(self, container_id: str, since: int) -> list[str]:
+        """The actions of the engine's events about ``container_id`` since ``since`` (ns),
+        without the ``exec_*`` ones of health probes."""
+
+    def now_nano(self) -> int: ...
 
 
 def _reactor() -> Any:
@@ -124,6 +140,21 @@ class MemoryEngine:
         assert container.image_id == image_id
         return container.id
 
+    def add_network(self, name: str) -> str:
+        return self.docker.add_network(name)
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        found = self.docker.find_container(name)
+        return None if found is None else found.inspect()
+
+    def actions(self, container_id: str, since: int) -> list[str]:
+        return [m["Action"] for m in self.docker.events.history
+                if m["Actor"]["ID"] == container_id and m["timeNano"] >= since
+                and not m["Action"].startswith("exec_")]
+
+    def now_nano(self) -> int:
+        return self.docker.events.now_nano()
+
     def close(self) -> None:
         pytest_twisted.blockon(self.client.close())
 
@@ -137,6 +168,7 @@ class RealEngine:
         self.api_version = dockerd.cli("version", "--format", "{{.Server.APIVersion}}").strip()
         self._extra: list[DockerClient] = []
         self._supervisors: dict[str, Supervisor] = {}
+        self._networks: list[str] = []
 
     def repo(self) -> str:
         return f"{self.registry.host}/suite/{unique('repo')}"
@@ -172,9 +204,30 @@ class RealEngine:
         container_id: str = await self._supervisors[name].wait_running_image(image_id, 30)
         return container_id
 
+    def add_network(self, name: str) -> str:
+        network_id = self.dockerd.cli("network", "create", name).strip()
+        self._networks.append(network_id)
+        return network_id
+
+    def inspect(self, name: str) -> dict[str, Any] | None:
+        return self.dockerd.inspect(name)
+
+    def actions(self, container_id: str, since: int) -> list[str]:
+        out = self.dockerd.cli("events", "--since", since_param(since), "--until",
+                               since_param(time.time_ns()), "--filter",
+                               f"container={container_id}", "--format", "{{json .}}")
+        return [a for a in (json.loads(line)["Action"] for line in out.splitlines())
+                if not a.startswith("exec_")]
+
+    def now_nano(self) -> int:
+        return time.time_ns()
+
     def close(self) -> None:
         for supervisor in self._supervisors.values():
             supervisor.stop()
+        self.dockerd.remove_all_containers()
+        for network_id in self._networks:
+            self.dockerd.cli("network", "rm", network_id)
         for client in [self.client, *self._extra]:
             pytest_twisted.blockon(client.close())
 
@@ -403,6 +456,213 @@ async def test_stopped_container_comes_back_on_the_new_image(engine: Engine) -> 
     assert new != old
     (current,) = [c for c in await engine.client.containers() if c.name == name]
     assert (current.id, current.image, current.image_id) == (new, repotag, v2)
+
+
+# -- creating and changing containers ---------------------------------------------------------
+
+
+async def _pulled(engine: Engine, version: str = "v1") -> tuple[str, str]:
+    """(repo:tag, image id) of a fresh image pulled into the engine."""
+    repotag = f"{engine.repo()}:qa"
+    image_id = engine.publish(repotag, version)
+    await engine.client.pull(repotag)
+    return repotag, image_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_keeps_the_configuration_with_the_images_defaults(engine: Engine) -> None:
+    repotag, image_id = await _pulled(engine)
+    name = unique("ctr")
+    since = engine.now_nano()
+    container_id = await engine.client.create(name, {
+        "Image": repotag, "Env": ["A=1"], "Labels": {"role": "web"}, "Hostname": "web-1",
+        "HostConfig": {"RestartPolicy": {"Name": "unless-stopped"},
+                       "Binds": ["data:/data"]},
+    })
+
+    created = engine.inspect(name)
+    assert created is not None and created["Id"] == container_id
+    assert created["State"]["Status"] == "created" and not created["State"]["Running"]
+    assert created["Image"] == image_id
+    config = created["Config"]
+    assert config["Image"] == repotag
+    assert config["Labels"] == {"version": "v1", "role": "web"}  # the image's, then ours
+    assert config["Env"] == ["A=1"]
+    assert (config["Cmd"], config["Entrypoint"]) == (["/bin/sh", "/app/run.sh"], None)
+    assert config["Hostname"] == "web-1"
+    assert (created["Path"], created["Args"]) == ("/bin/sh", ["/app/run.sh"])
+    host = created["HostConfig"]
+    assert host["RestartPolicy"] == {"Name": "unless-stopped", "MaximumRetryCount": 0}
+    assert host["Binds"] == ["data:/data"] and host["NetworkMode"] == "default"
+    assert [(m["Type"], m["Name"], m["Destination"]) for m in created["Mounts"]] == [
+        ("volume", "data", "/data")]
+    listed = _by_id(await engine.client.containers())
+    assert container_id not in listed, "created is not running"
+
+    await engine.client.start(container_id)
+    started = engine.inspect(container_id)
+    assert started is not None and started["State"]["Status"] == "running"
+    assert _by_id(await engine.client.containers())[container_id].name == name
+    assert engine.actions(container_id, since) == ["create", "start"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_refused(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    name = unique("ctr")
+    first = await engine.client.create(name, {"Image": repotag})
+
+    with pytest.raises(DockerError) as in_use:
+        await engine.client.create(name, {"Image": repotag})
+    assert in_use.value.status == 409
+    assert in_use.value.message == (
+        f'Conflict. The container name "/{name}" is already in use by container "{first}".'
+        " You have to remove (or rename) that container to be able to reuse that name.")
+    with pytest.raises(NotFound) as no_image:
+        await engine.client.create(unique("ctr"), {"Image": f"{engine.repo()}:qa"})
+    assert "No such image" in no_image.value.message
+    with pytest.raises(DockerError) as bad_name:
+        await engine.client.create("-bad", {"Image": repotag})
+    assert bad_name.value.status == 400
+    assert bad_name.value.message == (
+        "Invalid container name (-bad), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_stop_and_start_again(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    since = engine.now_nano()
+    container_id = await engine.client.create(unique("ctr"), {"Image": repotag})
+    await engine.client.start(container_id)
+    await engine.client.start(container_id)  # 304: it runs already
+    await engine.client.stop(container_id, timeout=5)
+    stopped = engine.inspect(container_id)
+    assert stopped is not None and stopped["State"]["Status"] == "exited"
+    assert stopped["State"]["ExitCode"] == 0
+    await engine.client.start(container_id)  # the same container again
+    assert engine.is_running(container_id)
+    assert engine.actions(container_id, since) == [
+        "create", "start", "kill", "die", "stop", "start"]
+    with pytest.raises(ContainerNotFound):
+        await engine.client.start(unique("missing"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_rename(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    old, new, other = unique("ctr"), unique("ctr"), unique("ctr")
+    since = engine.now_nano()
+    container_id = engine.run(repotag, old)
+    other_id = engine.run(repotag, other)
+
+    await engine.client.rename(old, new)
+
+    renamed = engine.inspect(new)
+    assert renamed is not None and renamed["Id"] == container_id
+    assert renamed["Name"] == "/" + new
+    assert engine.inspect(old) is None
+    with pytest.raises(DockerError) as in_use:
+        await engine.client.rename(container_id, other)
+    assert in_use.value.status == 409
+    assert in_use.value.message == (
+        f'Error when allocating new name: Conflict. The container name "/{other}" is already'
+        f' in use by container "{other_id}". You have to remove (or rename) that container to'
+        " be able to reuse that name.")
+    with pytest.raises(DockerError) as same:
+        await engine.client.rename(new, new)
+    assert (same.value.status, same.value.message) == (
+        400, "Renaming a container with the same name as its current name")
+    with pytest.raises(ContainerNotFound):
+        await engine.client.rename(unique("missing"), unique("ctr"))
+    assert engine.actions(container_id, since) == ["create", "start", "rename"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_remove(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    since = engine.now_nano()
+    running = engine.run(repotag, unique("ctr"))
+    created = await engine.client.create(unique("ctr"), {"Image": repotag})
+
+    with pytest.raises(DockerError) as refused:
+        await engine.client.remove(running)
+    assert refused.value.status == 409
+    assert refused.value.message == (
+        f"You cannot remove a running container {running}. Stop the container before"
+        " attempting removal or force remove")
+    await engine.client.remove(created)
+    await engine.client.remove(running, force=True)
+
+    assert engine.inspect(running) is None and engine.inspect(created) is None
+    with pytest.raises(ContainerNotFound):
+        await engine.client.remove(running)
+    assert engine.actions(running, since) == ["create", "start", "kill", "die", "destroy"]
+    assert engine.actions(created, since) == ["create", "destroy"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_networks_and_connect(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    first, second = unique("net"), unique("net")
+    first_id = engine.add_network(first)
+    engine.add_network(second)
+    name = unique("ctr")
+    container_id = await engine.client.create(name, {
+        "Image": repotag, "HostConfig": {"NetworkMode": first},
+        "NetworkingConfig": {"EndpointsConfig": {first: {"Aliases": ["web"]}}},
+    })
+    created = engine.inspect(name)
+    assert created is not None
+    assert created["NetworkSettings"]["Networks"][first]["Aliases"] == ["web"]
+
+    await engine.client.start(container_id)
+    await engine.client.connect(second, container_id, {"Aliases": ["api"]})
+
+    networks = engine.inspect(name)["NetworkSettings"]["Networks"]  # type: ignore[index]
+    assert sorted(networks) == sorted([first, second])
+    assert networks[first]["Aliases"] == ["web", container_id[:12]]
+    assert networks[second]["Aliases"] == ["api", container_id[:12]]
+    assert networks[first]["NetworkID"] == first_id
+    assert networks[first]["IPAddress"] and networks[first]["EndpointID"]
+    with pytest.raises(DockerError) as twice:
+        await engine.client.connect(second, container_id)
+    assert (twice.value.status, twice.value.message) == (
+        403, f"endpoint with name {name} already exists in network {second}")
+    with pytest.raises(NotFound) as no_network:
+        await engine.client.connect(unique("net"), container_id)
+    assert no_network.value.message.startswith("network net-")
+    with pytest.raises(NotFound) as no_container:
+        await engine.client.connect(first, unique("missing"))
+    assert "No such container" in no_container.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_missing_network_fails_the_start(engine: Engine) -> None:
+    repotag, _ = await _pulled(engine)
+    name, network = unique("ctr"), unique("net")
+    container_id = await engine.client.create(name, {
+        "Image": repotag, "HostConfig": {"NetworkMode": network}})
+
+    with pytest.raises(NotFound) as failed:
+        await engine.client.start(container_id)
+
+    assert failed.value.message == f"network {network} not found"
+    state = engine.inspect(name)["State"]  # type: ignore[index]
+    assert (state["Status"], state["ExitCode"], state["Error"]) == (
+        "created", 128, f"network {network} not found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_tag_refused(engine: Engine) -> None:
+    repotag, image_id = await _pulled(engine)
+    with pytest.raises(ImageNotFound):
+        await engine.client.tag(f"{engine.repo()}:qa", engine.repo(), "qa")
+    with pytest.raises(DockerError) as upper:
+        await engine.client.tag(image_id, "Upper/Case", "qa")
+    assert (upper.value.status, upper.value.message) == (
+        500, "invalid reference format: repository name must be lowercase")
+    await engine.client.tag(repotag, repotag.rpartition(":")[0], "prod")
+    assert engine.local_image_id(repotag.rpartition(":")[0] + ":prod") == image_id
 
 
 # -- real engine only -------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The client's rollout calls (events, tag, start, image_has_healthcheck) over a scripted engine:
-the requests they send and how they read every answer. The same calls meet a real dockerd in
-tests/test_readiness_real.py and tests/test_events_real.py."""
+"""The client's rollout and recreation calls (events, tag, start, image_has_healthcheck, create,
+rename, remove, connect) over a scripted engine: the requests they send and how they read every
+answer. The same calls meet the in-memory engine and a real dockerd in one suite in
+tests/test_docker_client.py, tests/test_readiness_real.py and tests/test_events_real.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from urllib.parse import parse_qs
 
 import pytest
 from treq.testing import RequestTraversalAgent
+from twisted.internet import task
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -19,7 +21,13 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from deployer.docker import DockerClient
-from deployer.errors import ContainerNotFound, DockerError, DockerUnavailable, ImageNotFound
+from deployer.errors import (
+    ContainerNotFound,
+    DockerError,
+    DockerUnavailable,
+    ImageNotFound,
+    NotFound,
+)
 from deployer.lines import JSONLinesReader
 from tests.helpers import fired
 
@@ -35,12 +43,18 @@ class Scripted(Resource):
             ("GET", "/version"): (200, b'{"ApiVersion": "1.41", "Version": "20.10.24"}'),
         }
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
+        #: The JSON body and Content-Type of each request that had a body.
+        self.bodies: list[tuple[Any, str]] = []
 
     def render(self, request: Request) -> bytes:
         method = request.method.decode()
         path = (request.path or b"").decode()
         query = parse_qs((request.uri or b"").decode().partition("?")[2])
         self.requests.append((method, path, query))
+        content = request.content.read() if request.content is not None else b""
+        if content:
+            self.bodies.append((json.loads(content),
+                                (request.getHeader(b"Content-Type") or b"").decode()))
         status, body = self.answers.get((method, path), (404, b'{"message": "page not found"}'))
         request.setResponseCode(status)
         return body
@@ -182,3 +196,110 @@ def test_image_has_healthcheck_of_an_unknown_image() -> None:
     docker, agent = client(Scripted())
     with pytest.raises(ImageNotFound):
         call(agent, docker.image_has_healthcheck("sha256:abc"))
+
+
+# -- recreation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bodies(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """treq writes request bodies on the global cooperator: here it runs on this Clock."""
+    clock = Clock()
+    monkeypatch.setattr(task, "_theCooperator",
+                        task.Cooperator(scheduler=lambda work: clock.callLater(0, work)))
+    return clock
+
+
+def call_with_body(agent: RequestTraversalAgent, clock: Clock, coroutine: Any) -> Any:
+    d = Deferred.fromCoroutine(coroutine)
+    for _ in range(5):
+        clock.advance(0)
+        agent.flush()
+    return fired(d)
+
+
+def test_create_sends_the_configuration_and_returns_the_id(bodies: Clock) -> None:
+    engine = Scripted()
+    engine.answers[("POST", "/v1.41/containers/create")] = (
+        201, b'{"Id": "4f1c", "Warnings": []}')
+    docker, agent = client(engine)
+    config = {"Image": "myorg/app:qa", "Env": ["A=1"],
+              "HostConfig": {"RestartPolicy": {"Name": "unless-stopped"}}}
+    assert call_with_body(agent, bodies, docker.create("web-new", config)) == "4f1c"
+    assert engine.requests[-1] == ("POST", "/v1.41/containers/create", {"name": ["web-new"]})
+    assert engine.bodies == [(config, "application/json; charset=UTF-8")]
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (409, DockerError), (404, NotFound), (400, DockerError), (500, DockerError)])
+def test_create_refused(bodies: Clock, status: int, error: type[DockerError]) -> None:
+    engine = Scripted()
+    engine.answers[("POST", "/v1.41/containers/create")] = (
+        status, b'{"message": "Conflict. The container name \\"/web\\" is already in use"}')
+    docker, agent = client(engine)
+    with pytest.raises(error, match="Conflict") as caught:
+        call_with_body(agent, bodies, docker.create("web", {"Image": "myorg/app:qa"}))
+    assert caught.value.status == status
+
+
+def test_rename() -> None:
+    engine = Scripted()
+    engine.answers[("POST", "/v1.41/containers/web/rename")] = (204, b"")
+    docker, agent = client(engine)
+    assert call(agent, docker.rename("web", "web-old")) is None
+    assert engine.requests[-1] == ("POST", "/v1.41/containers/web/rename",
+                                   {"name": ["web-old"]})
+
+
+def test_rename_of_an_unknown_container_and_to_a_name_in_use() -> None:
+    engine = Scripted()
+    docker, agent = client(engine)
+    with pytest.raises(ContainerNotFound):
+        call(agent, docker.rename("web", "web-old"))
+    engine.answers[("POST", "/v1.41/containers/web/rename")] = (
+        409, b'{"message": "Error when allocating new name: Conflict."}')
+    with pytest.raises(DockerError, match="allocating new name") as caught:
+        call(agent, docker.rename("web", "web-old"))
+    assert caught.value.status == 409
+
+
+@pytest.mark.parametrize(("force", "sent"), [(False, "0"), (True, "1")])
+def test_remove(force: bool, sent: str) -> None:
+    engine = Scripted()
+    engine.answers[("DELETE", "/v1.41/containers/web")] = (204, b"")
+    docker, agent = client(engine)
+    assert call(agent, docker.remove("web", force=force)) is None
+    assert engine.requests[-1] == ("DELETE", "/v1.41/containers/web", {"force": [sent]})
+
+
+def test_remove_refused_and_unknown() -> None:
+    engine = Scripted()
+    docker, agent = client(engine)
+    with pytest.raises(ContainerNotFound):
+        call(agent, docker.remove("web"))
+    engine.answers[("DELETE", "/v1.41/containers/web")] = (
+        409, b'{"message": "You cannot remove a running container"}')
+    with pytest.raises(DockerError, match="cannot remove a running") as caught:
+        call(agent, docker.remove("web"))
+    assert caught.value.status == 409
+
+
+def test_connect_sends_the_container_and_its_endpoint(bodies: Clock) -> None:
+    engine = Scripted()
+    engine.answers[("POST", "/v1.41/networks/appnet/connect")] = (200, b"")
+    docker, agent = client(engine)
+    assert call_with_body(agent, bodies, docker.connect(
+        "appnet", "4f1c", {"Aliases": ["web"]})) is None
+    assert engine.bodies == [({"Container": "4f1c", "EndpointConfig": {"Aliases": ["web"]}},
+                              "application/json; charset=UTF-8")]
+    call_with_body(agent, bodies, docker.connect("appnet", "4f1c"))
+    assert engine.bodies[-1][0] == {"Container": "4f1c", "EndpointConfig": {}}
+
+
+def test_connect_to_an_unknown_network(bodies: Clock) -> None:
+    engine = Scripted()
+    engine.answers[("POST", "/v1.41/networks/nonet/connect")] = (
+        404, b'{"message": "network nonet not found"}')
+    docker, agent = client(engine)
+    with pytest.raises(NotFound, match="network nonet not found"):
+        call_with_body(agent, bodies, docker.connect("nonet", "4f1c"))

@@ -19,6 +19,7 @@ from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from deployer.backoff import backoff
+from deployer.docker import DockerClient
 from deployer.errors import DockerUnavailable
 from deployer.events import (
     WATCHED_ACTIONS,
@@ -27,6 +28,7 @@ from deployer.events import (
     EngineEvents,
     since_param,
 )
+from deployer.testing.memory_docker import Healthcheck, MemoryDocker
 from tests.helpers import fired
 
 ID = "6053659050a2c87234fe67843fbcb1f09d37f691fe21ce4fcc3aa59e9869680c"
@@ -420,3 +422,60 @@ def test_an_answer_that_arrives_as_the_service_stops_is_closed() -> None:
     assert stream.transport.stopped
     assert seen.resyncs == 0
     assert not events.live
+
+
+# -- over the in-memory engine ------------------------------------------------------------------
+
+
+class OverMemory:
+    """The service over the real client and the in-memory engine, on one Clock."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.mem = MemoryDocker(clock=self.clock)
+        self.client = DockerClient(self.clock, self.mem.agent())
+        self.events = service(self.clock, self.client)  # type: ignore[arg-type]
+        self.seen = Recorder()
+        self.events.subscribe(self.seen.on_event, self.seen.on_resync)
+        self.mem.add_image(["myorg/app:qa"], healthcheck=Healthcheck.shell("true", interval=5))
+
+    def mine(self, container_id: str) -> list[str]:
+        return [e.action for e in self.seen.events if e.id == container_id]
+
+
+def test_over_the_engine_events_missed_while_the_stream_was_down_come_from_its_memory() -> None:
+    o = OverMemory()
+    o.events.startService()
+    first = o.mem.run("first", "myorg/app:qa")
+    assert o.events.live and o.mine(first) == ["create", "start"]
+    with capturedLogs():
+        assert o.mem.drop_event_streams() == 1  # the connection broke, the engine goes on
+    assert not o.events.live
+    o.mem.stop_container("first")
+    second = o.mem.run("second", "myorg/app:qa")
+    o.clock.advance(1.0)  # reconnects since the last event it had
+
+    assert o.events.live and o.seen.resyncs == 2
+    assert o.mine(first) == ["create", "start", "kill", "die", "stop"]
+    assert o.mine(second) == ["create", "start"]
+    o.clock.advance(4.0)
+    assert o.mine(second) == ["create", "start", "health_status: healthy"]
+    assert not [e for e in o.seen.events if e.verb.startswith("exec_")]
+
+
+def test_over_the_engine_a_restarted_engine_remembers_nothing_and_says_resync() -> None:
+    o = OverMemory()
+    o.events.startService()
+    kept = o.mem.run("kept", "myorg/app:qa", HostConfig={"RestartPolicy": {"Name": "always"}})
+    with capturedLogs():
+        o.mem.stop_engine()
+        o.clock.advance(1.0)  # refused while it is away
+        o.mem.start_engine()
+        o.clock.advance(2.0)
+    assert o.events.live and o.seen.resyncs == 2
+    assert o.events.reconnects == 2
+    # its stop went out before the stream closed; its start by the restarted engine is
+    # remembered there, and sent on reconnection
+    assert o.mine(kept) == ["create", "start", "kill", "die", "stop", "start"]
+    assert o.mem.containers[kept].status == "running"

@@ -12,8 +12,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 
+from deployer.docker import DockerClient
 from deployer.errors import ContainerNotFound, DockerUnavailable
-from deployer.events import ContainerEvent
+from deployer.events import ContainerEvent, EngineEvents
 from deployer.readiness import (
     DEFAULT_MIN_READY,
     DEFAULT_READY_TIMEOUT,
@@ -24,6 +25,8 @@ from deployer.readiness import (
     ReadyRules,
     wait_ready,
 )
+from deployer.testing.agents import CountingAgent
+from deployer.testing.memory_docker import Behaviour, Healthcheck, MemoryDocker
 
 NEW = "sha256:" + "n" * 64
 OLD = "sha256:" + "o" * 64
@@ -500,3 +503,94 @@ def test_cancelling_the_wait_leaves_nothing_behind(s: Setup) -> None:
     d.cancel()
     d.addErrback(lambda f: f.trap(Exception))
     finished_cleanly(s)
+
+
+# -- over the in-memory engine ------------------------------------------------------------------
+
+
+class OverMemory:
+    """The wait over the real client, the event service and the in-memory engine, on one
+    Clock: the engine's own order of events and answers."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.mem = MemoryDocker(clock=self.clock)
+        self.agent = CountingAgent(self.mem.agent())
+        self.client = DockerClient(self.clock, self.agent)
+        self.events = EngineEvents(self.clock, self.client)
+        self.events.startService()
+        self.check = Healthcheck.shell("test -f /tmp/healthy")
+
+    def wait(self, image_id: str, **rules: float) -> Deferred[Readiness]:
+        return wait_ready(self.clock, self.client, self.events, "web", image_id,
+                          ReadyRules(**{"min_ready": 2.0, "ready_timeout": 60.0, **rules}))
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            self.clock.advance(0.1)
+
+
+def test_over_the_engine_a_supervised_replacement_turns_healthy() -> None:
+    o = OverMemory()
+    o.mem.add_image(["myorg/app:qa"], healthcheck=o.check)
+    o.mem.supervise("web", "myorg/app:qa", delay=0.2)
+    new = o.mem.add_image(["myorg/app:qa"], healthcheck=o.check)
+    o.agent.reset()
+    d = o.wait(new)
+    o.mem.stop_container("web", 10)
+    o.advance(1.0)  # run again after 0.2 s, its first probe 1 s later
+    assert result(d) is None
+    o.advance(0.5)
+    r = ready(d)
+    assert r.health_checked and 1.1 <= r.waited <= 1.4
+    assert r.container_id == o.mem.find_container("web").id  # type: ignore[union-attr]
+    assert o.agent.count("GET", "containers/") == 2  # the name, then the one that started
+    assert o.agent.count() == 2
+    assert o.mem.events.streams == 1 and o.events.subscribers == 0
+
+
+def test_over_the_engine_a_recreated_container_renamed_into_place() -> None:
+    o = OverMemory()
+    o.mem.add_image(["myorg/app:qa"])
+    old = o.mem.run("web", "myorg/app:qa")
+    new_image = o.mem.add_image(["myorg/app:qa"])
+    d = o.wait(new_image)
+    new = o.mem.create_container("web-new", {"Image": "myorg/app:qa"})
+    o.mem.stop_container(old, 10)
+    o.mem.rename_container(old, "web-old")
+    o.mem.rename_container(new.id, "web")
+    o.advance(5)
+    assert result(d) is None, "created, not started"
+    o.mem.start_container(new.id)
+    o.advance(1.9)
+    assert result(d) is None
+    o.advance(0.2)
+    r = ready(d)
+    assert (r.container_id, r.health_checked) == (new.id, False)
+
+
+def test_over_the_engine_a_build_that_fails_its_check_says_what_the_check_said() -> None:
+    o = OverMemory()
+    o.mem.add_image(["myorg/app:qa"], healthcheck=o.check)
+    o.mem.supervise("web", "myorg/app:qa")
+    bad = o.mem.add_image(["myorg/app:qa"], healthcheck=o.check,
+                          behaviour=Behaviour.never_healthy("connection refused"))
+    d = o.wait(bad)
+    o.mem.stop_container("web", 10)
+    o.advance(2.1)  # two failing probes
+    r = not_ready(d)
+    assert r.reason is NotReadyReason.UNHEALTHY
+    assert r.detail.endswith("last check said: connection refused")
+
+
+def test_over_the_engine_a_build_restarted_by_its_policy_has_exited() -> None:
+    o = OverMemory()
+    o.mem.add_image(["myorg/app:qa"], behaviour=Behaviour.dies(after=0.5, code=2))
+    image_id = o.mem.image_id("myorg/app:qa")
+    assert image_id is not None
+    d = o.wait(image_id)
+    o.mem.run("web", "myorg/app:qa", HostConfig={"RestartPolicy": {"Name": "always"}})
+    o.advance(0.6)
+    r = not_ready(d)
+    assert (r.reason, r.exit_code) == (NotReadyReason.EXITED, 2)

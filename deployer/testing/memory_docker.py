@@ -3,33 +3,36 @@
 Serve it to the real client through :class:`treq.testing.RequestTraversalAgent` so that the
 client's HTTP encoding and decoding are exercised::
 
-    mem = MemoryDocker()
+    mem = MemoryDocker(clock=reactor)
     client = DockerClient(reactor, agent=mem.agent(), base="http://docker")
 
-The answers follow Docker Engine 20.10 (API 1.41) as observed on a real engine: a pull answers
-200 and streams JSON lines (an error can come as a line inside that stream), or answers 404/500
-with ``{"message": …}`` before streaming when the registry does not know the tag; image lists
-show ``RepoTags: null`` for an image that lost its tag but keeps a digest, and
-``["<none>:<none>"]`` when it has neither; a container whose repo:tag moved on is listed with
-``Image`` set to its image id (``sha256:…``); stop answers 204, 304 when already stopped, 404
-when missing; unknown paths answer 404 ``{"message": "page not found"}``.
+The answers follow Docker Engine 20.10 (API 1.41) as observed on a real engine (and checked
+against one by tests/test_memory_docker.py and the suites run on both): pulls (a 200 stream of
+JSON lines, an error as a line of it, or 404/500 before it), image and container lists and
+inspects, ``/events`` (a stream held open, with ``since``/``until`` and dockerd's filters),
+create, start, stop, kill, restart, rename and remove of containers, tags, and networks (list,
+inspect, create, connect). Unknown paths answer 404 ``{"message": "page not found"}``.
 
-A test plays the registry with :meth:`MemoryDocker.publish`, the supervisor with
-:meth:`MemoryDocker.on_stop`, and steers pulls with :meth:`MemoryDocker.fail_pull` and
-:meth:`MemoryDocker.slow_pull`. Everything is recorded: :attr:`MemoryDocker.calls`,
-:attr:`MemoryDocker.pulls`, :attr:`MemoryDocker.stops`.
+A test plays the registry with :meth:`MemoryDocker.publish`, a supervisor with
+:meth:`MemoryDocker.supervise` (or :meth:`MemoryDocker.on_stop`), an image's health check and
+how its containers behave with ``healthcheck=``/``behaviour=`` of ``publish``/``add_image``,
+an engine going away with :meth:`MemoryDocker.stop_engine`, and steers pulls with
+:meth:`MemoryDocker.fail_pull` and :meth:`MemoryDocker.slow_pull`. Everything is recorded:
+:attr:`MemoryDocker.calls`, :attr:`MemoryDocker.pulls`, :attr:`MemoryDocker.stops`, every event
+in ``MemoryDocker.events.history``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any, cast
 
 from klein import Klein
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -40,19 +43,16 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from deployer.reference import InvalidReference, check_tag, parse_reference, split
-from deployer.testing.memory_state import (
-    ENGINE_VERSION,
-    IMAGE_SIZE,
-    ContainerState,
-    EngineState,
-    Gate,
-    ImageState,
-    PullRecord,
-    RemoteImage,
-    digest_of,
-    normalize,
-)
+from deployer.reference import InvalidReference
+from deployer.testing.memory_common import ENGINE_VERSION, ApiError, normalize
+from deployer.testing.memory_containers import ContainerState
+from deployer.testing.memory_events import EventFilter, parse_time
+from deployer.testing.memory_health import Behaviour, Healthcheck
+from deployer.testing.memory_images import ImageState, RemoteImage
+from deployer.testing.memory_lifecycle import MemorySupervisor
+from deployer.testing.memory_pulls import Pulls
+from deployer.testing.memory_registry import PullRecord
+from deployer.testing.memory_state import EngineState
 
 log = Logger()
 
@@ -61,30 +61,61 @@ MIN_API_VERSION = "1.12"
 
 _API_VERSION_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)*$")
 _FALSE = frozenset({"", "0", "no", "false", "none"})
-#: What a container of an engine started with ``--bridge=none`` shows as its network.
-_NO_NETWORK: Mapping[str, Any] = {
-    "IPAMConfig": None, "Links": None, "Aliases": None, "NetworkID": "", "EndpointID": "",
-    "Gateway": "", "IPAddress": "", "IPPrefixLen": 0, "IPv6Gateway": "", "GlobalIPv6Address": "",
-    "GlobalIPv6PrefixLen": 0, "MacAddress": "", "DriverOpts": None,
-}
+_app = Klein()
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("."))
 
 
-class ApiError(Exception):
-    """An error answer: ``{"message": …}`` with ``status`` (plain text when ``plain``)."""
+def _api(path: str, *methods: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Route ``path`` and ``/v<version>path`` to the handler, after the version check."""
 
-    def __init__(self, status: int, message: str, plain: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.plain = plain
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(handler)
+        def checked(self: MemoryDocker, request: IRequest, version: str | None = None,
+                    **kw: Any) -> Any:
+            self._check_version(version)
+            return handler(self, request, **kw)
+
+        _app.route(path, methods=list(methods))(checked)
+        _app.route("/v<version>" + path, methods=list(methods))(checked)
+        return checked
+
+    return decorate
+
+
+@implementer(IBodyProducer)
+class _FlushingProducer:
+    """A request body that pushes itself to the engine once written: treq writes bodies later,
+    on the global reactor's cooperator, outside any pump."""
+
+    def __init__(self, producer: IBodyProducer, flush: Callable[[], None]) -> None:
+        self._producer = producer
+        self._flush = flush
+        self.length = producer.length
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        def written(result: None) -> None:
+            self._flush()
+            return result
+
+        d: Deferred[None] = self._producer.startProducing(consumer)
+        return d.addCallback(written)
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
 
 
 class _Agent(RequestTraversalAgent):
-    """A :class:`RequestTraversalAgent` that refuses connections while the engine is down."""
+    """A :class:`RequestTraversalAgent` that refuses connections while the engine is down, and
+    delivers request bodies written later."""
 
     def __init__(self, engine: MemoryDocker) -> None:
         super().__init__(engine.resource())
@@ -96,13 +127,16 @@ class _Agent(RequestTraversalAgent):
     ) -> Deferred[IResponse]:
         if self._engine.down:
             return fail(ConnectionRefusedError("MemoryDocker is down"))
+        if bodyProducer is not None:
+            bodyProducer = _FlushingProducer(bodyProducer, self._engine.flush)
         response: Deferred[IResponse] = super().request(method, uri, headers, bodyProducer)
         return response
 
 
 @implementer(IResource)
 class _EngineResource(Resource):
-    """Records each call and sets the engine's headers, then hands over to the Klein app."""
+    """Records each call and sets the engine's headers, then hands over to the Klein app. Event
+    lines written while a request is being answered are pushed to the clients after it."""
 
     isLeaf = True
 
@@ -112,19 +146,27 @@ class _EngineResource(Resource):
         self._app = engine.app.resource()
 
     def render(self, request: Request) -> bytes | int:
+        engine = self._engine
         path = (request.path or b"/").decode("utf-8", "replace")
         method = request.method.decode("ascii", "replace")
-        self._engine.calls.append((method, path))
-        failing = self._engine.failing_calls
+        engine.calls.append((method, path))
+        failing = engine.failing_calls
         for i, (m, suffix, status) in enumerate(failing):
             if m == method and path.endswith(suffix):
                 del failing[i]
                 return _json(request, {"message": "injected engine error"}, status)
-        request.setHeader(b"Api-Version", self._engine.api_version.encode())
+        request.setHeader(b"Api-Version", engine.api_version.encode())
         request.setHeader(b"Docker-Experimental", b"false")
         request.setHeader(b"Ostype", b"linux")
-        request.setHeader(b"Server", f"Docker/{self._engine.engine_version} (linux)".encode())
-        return cast("bytes | int", self._app.render(request))
+        request.setHeader(b"Server", f"Docker/{engine.engine_version} (linux)".encode())
+        engine._rendering += 1
+        try:
+            return cast("bytes | int", self._app.render(request))
+        finally:
+            engine._rendering -= 1
+            if not engine._rendering and engine._flush_pending:
+                engine._flush_pending = False
+                engine.flush()
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -133,15 +175,43 @@ def _arg(request: IRequest, name: str) -> str | None:
     return values[0].decode() if values else None
 
 
+def _flag(request: IRequest, name: str) -> bool:
+    return (_arg(request, name) or "").strip().lower() not in _FALSE
+
+
 def _json(request: IRequest, obj: Any, code: int = 200) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
+
+def _body(request: IRequest) -> dict[str, Any]:
+    """The JSON body, checked as dockerd's ``CheckForJSON`` does."""
+    content_type = (request.getHeader(b"Content-Type") or b"").decode()
+    data = request.content.read() if request.content is not None else b""
+    if not content_type and not data:
+        return {}
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(400, f"Content-Type specified ({content_type}) must be"
+                            " 'application/json'")
+    try:
+        obj = json.loads(data) if data else {}
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+    if not isinstance(obj, dict):
+        raise ApiError(400, "json: cannot unmarshal into an object")
+    return obj
+
+
+def _empty(request: IRequest, code: int) -> bytes:
+    request.setResponseCode(code)
+    return b""
+
+
 class MemoryDocker(EngineState):
     """The in-memory engine, served over the Engine API (its state: :class:`EngineState`)."""
 
-    app = Klein()
+    app = _app
 
     def __init__(
         self,
@@ -156,15 +226,22 @@ class MemoryDocker(EngineState):
         self.engine_version = engine_version
         #: (method, path) of every request, in order.
         self.calls: list[tuple[str, str]] = []
-        self.pulls_in_progress = 0
-        self.max_pulls_in_progress = 0
-        #: While true, agents from :meth:`agent` refuse connections (engine down).
-        self.down = False
         #: (method, path suffix, status): the next matching request fails once with it.
         self.failing_calls: list[tuple[str, str, int]] = []
+        self._pulls = Pulls(self)
         self._agents: list[_Agent] = []
         self._flushing = False
         self._flush_again = False
+        self._rendering = 0
+        self._flush_pending = False
+
+    @property
+    def pulls_in_progress(self) -> int:
+        return self._pulls.in_progress
+
+    @property
+    def max_pulls_in_progress(self) -> int:
+        return self._pulls.max_in_progress
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -173,8 +250,8 @@ class MemoryDocker(EngineState):
         return _EngineResource(self)
 
     def agent(self) -> RequestTraversalAgent:
-        """An agent over this engine; responses that end later (slow pulls) are flushed to it
-        automatically."""
+        """An agent over this engine; responses that go on later (slow pulls, event streams)
+        are pushed to it automatically."""
         agent = _Agent(self)
         self._agents.append(agent)
         return agent
@@ -193,6 +270,16 @@ class MemoryDocker(EngineState):
                     agent.flush()
         finally:
             self._flushing = False
+
+    def _deliver(self) -> None:
+        if self._rendering:
+            self._flush_pending = True
+        else:
+            self.flush()
+
+    def drop_event_streams(self, *, cleanly: bool = False) -> int:
+        """End every open ``/events`` answer (see :meth:`EventLog.drop`); how many there were."""
+        return self.events.drop(cleanly=cleanly)
 
     def count(self, method: str, endpoint: str) -> int:
         """How many calls were made to ``endpoint`` (``/images/create``,
@@ -218,7 +305,7 @@ class MemoryDocker(EngineState):
                                 f" version is {self.min_api_version}, please upgrade your"
                                 " client to a newer version", plain=True)
 
-    @app.handle_errors(ApiError)
+    @_app.handle_errors(ApiError)
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ApiError)
@@ -228,22 +315,18 @@ class MemoryDocker(EngineState):
             return error.message.encode() + b"\n"
         return _json(request, {"message": error.message}, error.status)
 
-    @app.handle_errors(NotFound, MethodNotAllowed)
+    @_app.handle_errors(NotFound, MethodNotAllowed)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return _json(request, {"message": "page not found"}, 404)
 
-    @app.route("/_ping", methods=["GET", "HEAD"])
-    @app.route("/v<version>/_ping", methods=["GET", "HEAD"])
-    def _ping(self, request: IRequest, version: str | None = None) -> bytes:
-        self._check_version(version)
+    @_api("/_ping", "GET", "HEAD")
+    def _ping(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
         return b"OK"
 
-    @app.route("/version", methods=["GET"])
-    @app.route("/v<version>/version", methods=["GET"])
-    def _version(self, request: IRequest, version: str | None = None) -> bytes:
-        self._check_version(version)
+    @_api("/version", "GET")
+    def _version(self, request: IRequest) -> bytes:
         return _json(request, {
             "Platform": {"Name": "MemoryDocker"},
             "Version": self.engine_version, "ApiVersion": self.api_version,
@@ -251,18 +334,27 @@ class MemoryDocker(EngineState):
             "KernelVersion": "memory", "GoVersion": "none", "GitCommit": "memory",
         })
 
-    @app.route("/images/json", methods=["GET"])
-    @app.route("/v<version>/images/json", methods=["GET"])
-    def _images(self, request: IRequest, version: str | None = None) -> bytes:
-        self._check_version(version)
+    @_api("/events", "GET")
+    def _events(self, request: Request) -> Any:
+        filters = EventFilter.parse(_arg(request, "filters"))
+        since_arg, until_arg = _arg(request, "since") or "", _arg(request, "until") or ""
+        since = parse_time(since_arg) if since_arg else None
+        until = parse_time(until_arg) if until_arg else None
+        if since is not None and until is not None and since > until:
+            raise ApiError(400, f"`since` time ({since_arg}) cannot be after `until` time"
+                                f" ({until_arg})")
+        return self.events.open(request, filters, since, until)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    @_api("/images/json", "GET")
+    def _images(self, request: IRequest) -> bytes:
         if _arg(request, "filters"):
             raise ApiError(400, "MemoryDocker does not implement filters")
         return _json(request, [i.summary() for i in self._newest_first(self.images.values())])
 
-    @app.route("/images/<path:name>/json", methods=["GET"])
-    @app.route("/v<version>/images/<path:name>/json", methods=["GET"])
-    def _inspect_image(self, request: IRequest, name: str, version: str | None = None) -> bytes:
-        self._check_version(version)
+    @_api("/images/<path:name>/json", "GET")
+    def _inspect_image(self, request: IRequest, name: str) -> bytes:
         image = self.find_image(name)
         if image is None:
             try:
@@ -272,186 +364,112 @@ class MemoryDocker(EngineState):
             raise ApiError(404, f"no such image: {name}: No such image: {shown}")
         return _json(request, image.inspect())
 
-    @app.route("/containers/json", methods=["GET"])
-    @app.route("/v<version>/containers/json", methods=["GET"])
-    def _containers(self, request: IRequest, version: str | None = None) -> bytes:
-        self._check_version(version)
+    @_api("/images/<path:name>/tag", "POST")
+    def _tag_image(self, request: IRequest, name: str) -> bytes:
+        self.tag_image(name, _arg(request, "repo") or "", _arg(request, "tag") or "")
+        return _empty(request, 201)
+
+    @_api("/images/create", "POST")
+    def _create_image(self, request: Request) -> Any:
+        return self._pulls.answer(request)
+
+    # -- containers -----------------------------------------------------------------------------
+
+    @_api("/containers/json", "GET")
+    def _containers(self, request: IRequest) -> bytes:
         if _arg(request, "filters"):
             raise ApiError(400, "MemoryDocker does not implement filters")
-        everything = (_arg(request, "all") or "").strip().lower() not in _FALSE
+        everything = _flag(request, "all")
+        now = self._now() if self.clock is not None else 0.0
         return _json(request, [
-            {
-                "Id": c.id, "Names": ["/" + c.name], "Image": self._listed_image(c),
-                "ImageID": c.image_id, "Command": "/bin/sh /app/run.sh", "Created": int(c.created),
-                "Ports": [], "Labels": dict(c.labels),
-                "State": "running" if c.running else "exited",
-                "Status": "Up Less than a second" if c.running
-                else f"Exited ({c.exit_code}) Less than a second ago",
-                "HostConfig": {"NetworkMode": "default"},
-                "NetworkSettings": {"Networks": {"bridge": dict(_NO_NETWORK)}}, "Mounts": [],
-            }
-            for c in self._newest_first(self.containers.values())
-            if everything or c.running
+            c.summary(self._listed_image(c), now)
+            for c in self._newest_first(self.containers.values()) if everything or c.running
         ])
 
-    @app.route("/containers/<name>/json", methods=["GET"])
-    @app.route("/v<version>/containers/<name>/json", methods=["GET"])
-    def _inspect_container(
-        self, request: IRequest, name: str, version: str | None = None
-    ) -> bytes:
-        self._check_version(version)
-        container = self.find_container(name)
-        if container is None:
-            raise ApiError(404, f"No such container: {name}")
-        return _json(request, container.inspect())
+    @_api("/containers/create", "POST")
+    def _create_container(self, request: IRequest) -> bytes:
+        body = _body(request)
+        container = self.create_container(_arg(request, "name"), body)
+        return _json(request, {"Id": container.id, "Warnings": []}, 201)
 
-    @app.route("/containers/<name>/stop", methods=["POST"])
-    @app.route("/v<version>/containers/<name>/stop", methods=["POST"])
-    def _stop(self, request: IRequest, name: str, version: str | None = None) -> bytes:
-        self._check_version(version)
-        t = _arg(request, "t")
-        try:
-            timeout = int(t) if t else None
-        except ValueError as e:
-            raise ApiError(400, f"strconv.Atoi: parsing {t!r}: invalid syntax") from e
-        if self.find_container(name) is None:
-            raise ApiError(404, f"No such container: {name}")
+    @_api("/containers/<name>/json", "GET")
+    def _inspect_container(self, request: IRequest, name: str) -> bytes:
+        return _json(request, self._get(name).inspect())
+
+    @_api("/containers/<name>/start", "POST")
+    def _start(self, request: IRequest, name: str) -> bytes:
+        return _empty(request, 204 if self.start_container(name) else 304)
+
+    @_api("/containers/<name>/stop", "POST")
+    def _stop(self, request: IRequest, name: str) -> bytes:
+        timeout = _seconds(_arg(request, "t"))
+        self._get(name)
         try:
             stopped = self.stop_container(name, timeout)
+        except ApiError:
+            raise
         except Exception as e:
             log.failure("MemoryDocker: an on_stop hook failed for {name}", name=name)
             raise ApiError(500, f"MemoryDocker on_stop hook failed: {e!r}") from e
-        request.setResponseCode(204 if stopped else 304)
-        return b""
+        return _empty(request, 204 if stopped else 304)
 
-    @app.route("/images/create", methods=["POST"])
-    @app.route("/v<version>/images/create", methods=["POST"])
-    def _create_image(self, request: Request, version: str | None = None) -> Any:
-        self._check_version(version)
-        from_image = _arg(request, "fromImage")
-        if not from_image:
-            raise ApiError(400, "MemoryDocker only pulls: fromImage is required")
-        tag = _arg(request, "tag") or ""
-        try:
-            ref = parse_reference(from_image)
-            if tag.startswith("sha256:"):
-                raise ApiError(400, "MemoryDocker does not pull by digest")
-            if tag:
-                check_tag(tag)
-        except InvalidReference as e:
-            raise ApiError(400, f"invalid reference format: {e}") from e
-        if tag or ref.tag:
-            repotags = [f"{ref.name}:{tag or ref.tag}"]
-        else:  # no tag at all: the engine pulls every tag of the repository
-            repotags = sorted(r for r in self.remote if split(r)[0] == ref.name)
-            if not repotags:
-                repotags = [f"{ref.name}:latest"]
-        auth = request.getHeader(b"X-Registry-Auth")
-        for repotag in repotags:
-            self.pulls.append(PullRecord(repotag, auth.decode() if auth else None))
-        for repotag in repotags:  # errors before the stream starts
-            failure = self._failures.get(repotag)
-            if failure is not None and failure.status is not None:
-                if failure.once:
-                    del self._failures[repotag]
-                raise ApiError(failure.status, failure.message)
-            if repotag not in self.remote and failure is None:
-                raise ApiError(404, f"manifest for {repotag} not found: manifest unknown:"
-                                    " manifest unknown")
-        request.setHeader(b"Content-Type", b"application/json")
-        self.pulls_in_progress += 1
-        self.max_pulls_in_progress = max(self.max_pulls_in_progress, self.pulls_in_progress)
-        d = Deferred.fromCoroutine(self._stream_pull(request, ref.path, repotags))
-        d.addBoth(self._pull_ended, request, repotags)
-        if not d.called:
-            # The answer ends later, outside any agent's pump: push it through when it does.
-            request.notifyFinish().addBoth(lambda _: self.flush())
-        return d
+    @_api("/containers/<name>/kill", "POST")
+    def _kill(self, request: IRequest, name: str) -> bytes:
+        self.kill_container(name, _arg(request, "signal") or "KILL")
+        return _empty(request, 204)
 
-    def _pull_ended(self, result: object, request: IRequest, repotags: list[str]) -> object:
-        self.pulls_in_progress -= 1
-        if isinstance(result, Failure) and result.check(CancelledError):
-            # The client went away (Klein cancels the answer): nothing more to write.
-            self.pulls_abandoned.extend(repotags)
-            return result
-        if isinstance(result, Failure):
-            log.failure("MemoryDocker: the pull stream broke", result)
-            message = f"MemoryDocker: the pull stream broke: {result.getErrorMessage()}"
-            request.write(json.dumps({"errorDetail": {"message": message}, "error": message},
-                                     separators=(",", ":")).encode() + b"\n")
-        return b""
+    @_api("/containers/<name>/restart", "POST")
+    def _restart(self, request: IRequest, name: str) -> bytes:
+        self.restart_container(name, _seconds(_arg(request, "t")))
+        return _empty(request, 204)
 
-    @staticmethod
-    async def _held(gate: Gate, line: Callable[[Mapping[str, Any]], None]) -> bool:
-        """Wait for ``gate``; False when it opened with an error (then sent as an error line)."""
-        try:
-            await gate.wait()
-        except CancelledError:
-            raise
-        except Exception as e:
-            line({"errorDetail": {"message": str(e)}, "error": str(e)})
-            return False
-        return True
+    @_api("/containers/<name>/rename", "POST")
+    def _rename(self, request: IRequest, name: str) -> bytes:
+        self.rename_container(name, _arg(request, "name") or "")
+        return _empty(request, 204)
 
-    async def _stream_pull(self, request: IRequest, path: str, repotags: list[str]) -> None:
-        def line(obj: Mapping[str, Any]) -> None:
-            request.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    @_api("/containers/<name>", "DELETE")
+    def _remove(self, request: IRequest, name: str) -> bytes:
+        self.remove_container(name, force=_flag(request, "force"))
+        return _empty(request, 204)
 
-        shown_path = path if "/" in path else "library/" + path
-        for repotag in repotags:
-            name, tag, _ = split(repotag)
-            gate = self._slow.get(repotag)
-            if gate is not None and not gate.answer:
-                if not await self._held(gate, line):
-                    return
-            line({"status": f"Pulling from {shown_path}", "id": tag})
-            if gate is not None and gate.answer:
-                if not await self._held(gate, line):
-                    return
-            failure = self._failures.get(repotag)
-            remote = self.remote.get(repotag)
-            local = self.find_image(repotag)
-            if failure is not None or remote is None:
-                if failure is not None and failure.once:
-                    del self._failures[repotag]
-                message = failure.message if failure is not None else "manifest unknown"
-                layer = digest_of("layer", repotag)[7:19]
-                line({"status": "Pulling fs layer", "progressDetail": {}, "id": layer})
-                line({"status": "Downloading", "progressDetail": {}, "id": layer})
-                line({"errorDetail": {"message": message}, "error": message})
-                return
-            if local is not None and local.id == remote.image_id:
-                self.add_image((), local.id, digests=[f"{name}@{remote.digest}"])
-                line({"status": f"Digest: {remote.digest}"})
-                line({"status": f"Status: Image is up to date for {repotag}"})
-                continue
-            for layer_line in _layer_lines(digest_of("layer", remote.image_id)[7:19]):
-                line(layer_line)
-            image_id = self.add_image(
-                [repotag], remote.image_id, remote.labels, [f"{name}@{remote.digest}"]
-            )
-            assert image_id == remote.image_id
-            line({"status": f"Digest: {remote.digest}"})
-            line({"status": f"Status: Downloaded newer image for {repotag}"})
+    # -- networks -------------------------------------------------------------------------------
+
+    @_api("/networks", "GET")
+    def _networks(self, request: IRequest) -> bytes:
+        if _arg(request, "filters"):
+            raise ApiError(400, "MemoryDocker does not implement filters")
+        return _json(request, [n.summary() for n in self.networks])
+
+    @_api("/networks/create", "POST")
+    def _create_network(self, request: IRequest) -> bytes:
+        body = _body(request)
+        name = str(body.get("Name") or "")
+        existing = self.networks.find(name) if name else None
+        network_id = self.add_network(name, str(body.get("Driver") or "bridge"))
+        warning = (f"Network with name {name} (id : {existing.id}) already exists"
+                   if existing is not None else "")
+        return _json(request, {"Id": network_id, "Warning": warning}, 201)
+
+    @_api("/networks/<name>", "GET")
+    def _inspect_network(self, request: IRequest, name: str) -> bytes:
+        return _json(request, self.networks.get(name).summary(self.containers.values()))
+
+    @_api("/networks/<name>/connect", "POST")
+    def _connect(self, request: IRequest, name: str) -> bytes:
+        body = _body(request)
+        self.connect_network(name, str(body.get("Container") or ""), body.get("EndpointConfig"))
+        return _empty(request, 200)
 
 
-def _layer_lines(layer: str) -> Iterator[dict[str, Any]]:
-    size = IMAGE_SIZE // 2
-    bar = "[==================================================>]"
-    yield {"status": "Pulling fs layer", "progressDetail": {}, "id": layer}
-    yield {"status": "Downloading", "progressDetail": {"current": 32768, "total": size},
-           "progress": "[=>                                                 ]  32.77kB/1.065MB",
-           "id": layer}
-    yield {"status": "Downloading", "progressDetail": {"current": size, "total": size},
-           "progress": f"{bar}  1.065MB/1.065MB", "id": layer}
-    yield {"status": "Verifying Checksum", "progressDetail": {}, "id": layer}
-    yield {"status": "Download complete", "progressDetail": {}, "id": layer}
-    yield {"status": "Extracting", "progressDetail": {"current": size, "total": size},
-           "progress": f"{bar}  1.065MB/1.065MB", "id": layer}
-    yield {"status": "Pull complete", "progressDetail": {}, "id": layer}
+def _seconds(t: str | None) -> int | None:
+    try:
+        return int(t) if t else None
+    except ValueError as e:
+        raise ApiError(400, f"strconv.Atoi: parsing {t!r}: invalid syntax") from e
 
 
 __all__ = [
-    "API_VERSION", "ApiError", "ContainerState", "ImageState", "MemoryDocker",
-    "PullRecord", "RemoteImage", "normalize",
+    "API_VERSION", "ApiError", "Behaviour", "ContainerState", "Healthcheck", "ImageState",
+    "MemoryDocker", "MemorySupervisor", "PullRecord", "RemoteImage", "normalize",
 ]

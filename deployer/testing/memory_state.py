@@ -1,304 +1,103 @@
-"""The state of the in-memory Docker engine: local images and containers, and the pretend
-registry they are pulled from. :class:`deployer.testing.memory_docker.MemoryDocker` serves it
-over the Engine API; a test reads and steers it directly (publish, run, fail a pull, ...).
+"""The state of the in-memory Docker engine: local images, containers and networks, the events
+they make, and the pretend registry they are pulled from.
+:class:`deployer.testing.memory_docker.MemoryDocker` serves it over the Engine API; a test reads
+and steers it directly (publish, run, supervise, fail a pull, stop the engine...).
+
+Each operation behaves as on dockerd 20.10: the same answers (an :class:`ApiError` with dockerd's
+status and message) and the same events in the same order (``docker stop``: ``kill``, ``die``,
+``stop``; ``docker rm -f``: ``kill``, ``die``, ``destroy``...). Anything a container does by
+itself (health probes, exits, restarts by policy) runs on the engine's ``clock``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import itertools
-import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from deployer.reference import InvalidReference, parse_reference
+from deployer.reference import InvalidReference, check_tag, parse_reference
+from deployer.testing.memory_common import (
+    ENGINE_VERSION,
+    IMAGE_SIZE,
+    ApiError,
+    check_container_name,
+    digest_of,
+    name_conflict,
+    normalize,
+)
+from deployer.testing.memory_containers import (
+    ContainerState,
+    container_config,
+    endpoints,
+    host_config,
+)
+from deployer.testing.memory_events import EventLog
+from deployer.testing.memory_health import Behaviour, Healthcheck, HealthState
+from deployer.testing.memory_images import ImageState, RemoteImage
+from deployer.testing.memory_lifecycle import Lifecycle, MemorySupervisor
+from deployer.testing.memory_networks import NetworkOps, Networks
+from deployer.testing.memory_registry import Gate, PullRecord, RegistryState
 
 log = Logger()
 
-ENGINE_VERSION = "20.10.24-memory"
-IMAGE_SIZE = 1982378
-
 _FULL_ID = re.compile(r"^(?:sha256:)?([0-9a-f]{64})$")
 _HEX = re.compile(r"^[0-9a-f]+$")
+_SIGNALS = {"KILL": 9, "SIGKILL": 9, "TERM": 15, "SIGTERM": 15, "INT": 2, "SIGINT": 2,
+            "HUP": 1, "SIGHUP": 1, "QUIT": 3, "SIGQUIT": 3, "USR1": 10, "USR2": 12}
 
 
-def digest_of(*parts: str) -> str:
-    """A made-up ``sha256:`` digest, the same for the same parts."""
-    return "sha256:" + hashlib.sha256(" ".join(parts).encode()).hexdigest()
-
-
-def _timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
-
-
-def normalize(ref: str) -> str:
-    """``ref`` as the engine names it: familiar ``[host/]path:tag``, tag ``latest`` by default.
-    Raises :class:`InvalidReference`."""
-    parsed = parse_reference(ref)
-    return f"{parsed.name}:{parsed.tag or 'latest'}"
-
-
-@attrs.define(eq=False)
-class ImageState:
-    """A local image. ``tags`` are ``repo:tag``, ``digests`` ``repo@sha256:…``, both familiar."""
-
-    id: str
-    created: float
-    labels: dict[str, str] = attrs.field(factory=dict)
-    tags: list[str] = attrs.field(factory=list)
-    digests: list[str] = attrs.field(factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        tags: list[str] | None = list(self.tags) or None
-        digests: list[str] | None = list(self.digests) or None
-        if tags is None and digests is None:
-            tags, digests = ["<none>:<none>"], ["<none>@<none>"]
-        return {
-            "Containers": -1, "Created": int(self.created), "Id": self.id,
-            "Labels": dict(self.labels) or None, "ParentId": "", "RepoDigests": digests,
-            "RepoTags": tags, "SharedSize": -1, "Size": IMAGE_SIZE, "VirtualSize": IMAGE_SIZE,
-        }
-
-    def inspect(self) -> dict[str, Any]:
-        config = {
-            "Hostname": "", "Domainname": "", "User": "", "Env": None, "Image": "",
-            "Cmd": ["/bin/sh", "/app/run.sh"], "Entrypoint": None, "WorkingDir": "",
-            "Labels": dict(self.labels) or None, "Volumes": None, "OnBuild": None,
-        }
-        return {
-            "Id": self.id, "RepoTags": list(self.tags), "RepoDigests": list(self.digests),
-            "Parent": "", "Comment": "Imported from -", "Created": _timestamp(self.created),
-            "Container": "", "ContainerConfig": config, "DockerVersion": ENGINE_VERSION,
-            "Author": "", "Config": config, "Architecture": "amd64", "Os": "linux",
-            "Size": IMAGE_SIZE, "VirtualSize": IMAGE_SIZE,
-            "GraphDriver": {"Data": None, "Name": "memory"},
-            "RootFS": {"Type": "layers", "Layers": [digest_of("layer", self.id)]},
-            "Metadata": {"LastTagTime": "0001-01-01T00:00:00Z"},
-        }
-
-
-@attrs.define(eq=False)
-class ContainerState:
-    """A container. ``image_ref`` is what it was started with (``Config.Image``)."""
-
-    id: str
-    name: str
-    image_ref: str
-    image_id: str
-    created: float
-    labels: dict[str, str] = attrs.field(factory=dict)
-    running: bool = True
-    exit_code: int = 0
-    finished: float | None = None
-
-    def inspect(self) -> dict[str, Any]:
-        state = {
-            "Status": "running" if self.running else "exited", "Running": self.running,
-            "Paused": False, "Restarting": False, "OOMKilled": False, "Dead": False,
-            "Pid": (int(self.id[:4], 16) + 1) if self.running else 0,
-            "ExitCode": self.exit_code, "Error": "", "StartedAt": _timestamp(self.created),
-            "FinishedAt": _timestamp(self.finished) if self.finished is not None
-            else "0001-01-01T00:00:00Z",
-        }
-        return {
-            "Id": self.id, "Created": _timestamp(self.created), "Path": "/bin/sh",
-            "Args": ["/app/run.sh"], "State": state, "Image": self.image_id,
-            "Name": "/" + self.name, "RestartCount": 0, "Driver": "memory", "Platform": "linux",
-            "HostConfig": {"NetworkMode": "default", "RestartPolicy": {"Name": "no"}},
-            "Config": {
-                "Hostname": self.id[:12], "Image": self.image_ref, "Labels": dict(self.labels),
-                "Cmd": ["/bin/sh", "/app/run.sh"], "Env": None, "Entrypoint": None,
-            },
-            "Mounts": [], "NetworkSettings": {"Networks": {}},
-        }
-
-
-@attrs.frozen
-class RemoteImage:
-    """What the pretend registry holds for a repo:tag."""
-
-    image_id: str
-    digest: str
-    labels: Mapping[str, str] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class PullRecord:
-    """One ``POST /images/create``: the repo:tag asked for and the ``X-Registry-Auth`` header."""
-
-    repotag: str
-    auth: str | None
-
-    def auth_config(self) -> dict[str, Any] | None:
-        """The header decoded (base64url JSON), or None without a header."""
-        if self.auth is None:
-            return None
-        padded = self.auth + "=" * (-len(self.auth) % 4)
-        try:
-            decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(padded))
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"X-Registry-Auth is not base64url JSON: {self.auth!r}") from e
-        return decoded
-
-
-@attrs.define
-class PullFailure:
-    """How pulls of a repo:tag fail (see :meth:`EngineState.fail_pull`)."""
-
-    message: str
-    status: int | None
-    once: bool
-
-
-class Gate:
-    """Pulls held until a test's Deferred fires; its outcome goes to every one of them.
-    ``answer``: whether a held pull has answered (headers and its first line) meanwhile."""
-
-    def __init__(self, answer: bool = True) -> None:
-        self.answer = answer
-        self._waiters: list[Deferred[None]] = []
-
-    def wait(self) -> Deferred[None]:
-        """Fires when the gate opens; cancelling it (the client went away) leaves the gate."""
-
-        def leave(waiter: Deferred[None]) -> None:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-        waiter: Deferred[None] = Deferred(leave)
-        self._waiters.append(waiter)
-        return waiter
-
-    def open(self, result: object) -> None:
-        waiters, self._waiters = self._waiters, []
-        if isinstance(result, Failure) and not waiters:
-            log.failure("MemoryDocker: slow_pull released with an error, no pull waiting",
-                        result)
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
-
-
-class EngineState:
-    """Local images and containers, the pretend registry, and the test knobs on pulls.
-    ``clock`` (optional) gives creation times; without it a counter does, so that the newest
-    object always sorts first."""
+class EngineState(RegistryState, NetworkOps):
+    """Local images, containers and networks, their events, the pretend registry and the test
+    knobs. ``clock`` (optional) gives times and runs what containers do by themselves; without
+    it a counter gives times (so that the newest object always sorts first) and containers
+    that would need time to pass (health checks, exits) cannot be started."""
 
     def __init__(self, clock: IReactorTime | None = None) -> None:
+        RegistryState.__init__(self)
         self.clock = clock
         self._ticks = itertools.count(1_700_000_000)
         self.images: dict[str, ImageState] = {}
         self.containers: dict[str, ContainerState] = {}
-        self.remote: dict[str, RemoteImage] = {}
-        #: Every pull asked for, with its auth header.
-        self.pulls: list[PullRecord] = []
+        self.networks = Networks(self._now())
         #: (container id, the ``t`` parameter or None) of every stop asked for.
         self.stops: list[tuple[str, int | None]] = []
-        #: Pulls whose client went away before they ended (e.g. gave up on a held pull).
-        self.pulls_abandoned: list[str] = []
-        self._failures: dict[str, PullFailure] = {}
-        self._slow: dict[str, Gate] = {}
+        #: While true, the engine is away: agents refuse connections, supervisors wait.
+        self.down = False
+        self.events = EventLog(self._now, self._deliver, clock)
+        self.lifecycle = Lifecycle(self)
+        self.supervisors: list[MemorySupervisor] = []
         self._on_stop: list[Callable[[ContainerState], object]] = []
+        self._on_exit: list[Callable[[ContainerState], object]] = []
 
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else float(next(self._ticks))
 
-    # -- the pretend registry -------------------------------------------------------------------
+    def _deliver(self) -> None:
+        """Event lines were written to open streams (the API pushes them to its clients)."""
 
-    def publish(
-        self, repotag: str, image_id: str | None = None,
-        labels: Mapping[str, str] | None = None, digest: str | None = None,
-    ) -> str:
-        """Make the registry hold an image under ``repotag`` (a new one unless ``image_id``);
-        returns its id. The local engine sees it only after a pull. The manifest digest is
-        derived from the id unless given."""
-        repotag = normalize(repotag)
-        image_id = image_id or "sha256:" + secrets.token_hex(32)
-        if image_id in self.images and labels is None:
-            labels = self.images[image_id].labels
-        self.remote[repotag] = RemoteImage(
-            image_id=image_id, digest=digest or digest_of("manifest", image_id),
-            labels=dict(labels or {}),
-        )
-        return image_id
-
-    def unpublish(self, repotag: str) -> None:
-        self.remote.pop(normalize(repotag), None)
-
-    def fail_pull(
-        self, repotag: str, message: str | None = None, *, status: int | None = None,
-        once: bool = False,
-    ) -> None:
-        """Make pulls of ``repotag`` fail. ``status`` None: the engine answers 200 and the error
-        comes as a line of the stream (as for a broken blob); else it answers ``status`` with
-        ``{"message": …}`` (404 is what an unknown tag gives). ``once``: only the next pull."""
-        if message is None:
-            message = (
-                f"manifest for {normalize(repotag)} not found: manifest unknown: manifest unknown"
-                if status == 404 else "unknown blob"
-            )
-        self._failures[normalize(repotag)] = PullFailure(message, status, once)
-
-    def clear_pull_failure(self, repotag: str) -> None:
-        self._failures.pop(normalize(repotag), None)
-
-    def slow_pull(
-        self, repotag: str, release: Deferred[None] | None = None, *, answer: bool = True
-    ) -> None:
-        """Pulls of ``repotag`` answer 200, send their first line, and end only when ``release``
-        fires (never, without one); an errback becomes the error line of every waiting pull.
-        Pulls started after it fired are quick. ``answer=False``: a registry that hangs on the
-        manifest request, where the engine sends nothing, not even response headers, until
-        ``release``. A held pull whose client goes away is dropped (see
-        :attr:`pulls_abandoned`)."""
-        repotag = normalize(repotag)
-        gate = Gate(answer)
-        if release is None:
-            self._slow[repotag] = gate
-            return
-        self._slow[repotag] = gate
-
-        def opened(result: object) -> None:
-            if self._slow.get(repotag) is gate:
-                del self._slow[repotag]
-            gate.open(result)
-
-        release.addBoth(opened)
-
-    def clear_slow_pull(self, repotag: str) -> None:
-        """Pulls of ``repotag`` started from now on are quick (held ones stay held)."""
-        self._slow.pop(normalize(repotag), None)
-
-    def auth_headers(self, repotag: str) -> list[str | None]:
-        """The ``X-Registry-Auth`` header of each pull of ``repotag`` so far."""
-        repotag = normalize(repotag)
-        return [p.auth for p in self.pulls if p.repotag == repotag]
-
-    # -- local state helpers ---------------------------------------------------------------------
+    # -- images ---------------------------------------------------------------------------------
 
     def add_image(
         self, repotags: Iterable[str] = (), image_id: str | None = None,
-        labels: Mapping[str, str] | None = None, digests: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None, digests: Iterable[str] = (), *,
+        healthcheck: Healthcheck | None = None, behaviour: Behaviour | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> str:
-        """A local image (tags move to it from any other image); returns its id."""
+        """A local image (tags move to it from any other image); returns its id. For a new
+        image: ``healthcheck``, ``behaviour`` of its containers, and ``config`` (image
+        ``Config`` fields: ``Env``, ``Entrypoint``, ``WorkingDir``...)."""
         image_id = image_id or "sha256:" + secrets.token_hex(32)
         image = self.images.get(image_id)
         if image is None:
             image = self.images[image_id] = ImageState(
-                id=image_id, created=self._now(), labels=dict(labels or {})
+                id=image_id, created=self._now(), labels=dict(labels or {}),
+                healthcheck=healthcheck, behaviour=behaviour or Behaviour(),
+                config=dict(config or {}),
             )
         for repotag in repotags:
             self._tag(image, normalize(repotag))
@@ -307,12 +106,41 @@ class EngineState:
                 image.digests.append(digest)
         return image_id
 
+    def pulled(self, remote: RemoteImage, repotag: str, name: str) -> None:
+        """A pull of ``repotag`` brought ``remote`` (tagging it, and its digest, here)."""
+        self.add_image([repotag], remote.image_id, remote.labels,
+                       [f"{name}@{remote.digest}"], healthcheck=remote.healthcheck,
+                       behaviour=remote.behaviour, config=remote.config)
+        self.events.emit("image", "pull", repotag, {**remote.labels, "name": name})
+
     def _tag(self, image: ImageState, repotag: str) -> None:
         for other in self.images.values():
             if other is not image and repotag in other.tags:
                 other.tags.remove(repotag)
         if repotag not in image.tags:
             image.tags.append(repotag)
+
+    def tag_image(self, name: str, repository: str, tag: str = "") -> None:
+        """``POST /images/{name}/tag?repo=&tag=``: the tag moves to this image."""
+        image = self.find_image(name)
+        if image is None:
+            raise ApiError(404, f"No such image: {name}")
+        try:
+            if not repository or "@" in repository:
+                raise InvalidReference(repository)
+            repo = parse_reference(repository)
+        except InvalidReference as e:
+            lower = repository.lower() == repository
+            raise ApiError(500, "invalid reference format" + (
+                "" if lower else ": repository name must be lowercase")) from e
+        try:
+            if tag:
+                check_tag(tag)
+        except InvalidReference as e:
+            raise ApiError(500, "invalid tag format") from e
+        self._tag(image, f"{repo.name}:{tag or repo.tag or 'latest'}")
+        shown = f"{repo.name}:{tag}" if tag else repository
+        self.events.emit("image", "tag", image.id, {**image.labels, "name": shown})
 
     def image_id(self, ref: str) -> str | None:
         """The local image ``ref`` (a repo:tag or an id) resolves to, or None."""
@@ -330,10 +158,7 @@ class EngineState:
         if parsed is not None:
             if parsed.digest is not None:
                 wanted = f"{parsed.name}@{parsed.digest}"
-                for image in self.images.values():
-                    if wanted in image.digests:
-                        return image
-                return None
+                return next((i for i in self.images.values() if wanted in i.digests), None)
             wanted = f"{parsed.name}:{parsed.tag or 'latest'}"
             for image in self.images.values():
                 if wanted in image.tags:
@@ -345,28 +170,7 @@ class EngineState:
                 return found[0]
         return None
 
-    def run(
-        self, name: str | None, image_ref: str, labels: Mapping[str, str] | None = None
-    ) -> str:
-        """Start a container from a local image (by repo:tag or id); returns its id."""
-        image = self.find_image(image_ref)
-        if image is None:
-            raise LookupError(f"MemoryDocker: no local image {image_ref!r}; pull or add it first")
-        container_id = secrets.token_hex(32)
-        name = name or f"memory_{container_id[:8]}"
-        if any(c.name == name.removeprefix("/") for c in self.containers.values()):
-            raise ValueError(f"MemoryDocker: the container name {name!r} is already in use")
-        self.containers[container_id] = ContainerState(
-            id=container_id, name=name, image_ref=image_ref, image_id=image.id,
-            created=self._now(), labels={**image.labels, **(labels or {})},
-        )
-        return container_id
-
-    def remove(self, name_or_id: str) -> None:
-        container = self.find_container(name_or_id)
-        if container is None:
-            raise LookupError(f"MemoryDocker: no container {name_or_id!r}")
-        del self.containers[container.id]
+    # -- containers -----------------------------------------------------------------------------
 
     def find_container(self, name_or_id: str) -> ContainerState | None:
         if name_or_id in self.containers:
@@ -381,32 +185,261 @@ class EngineState:
                 return found[0]
         return None
 
-    def containers_running(self) -> list[ContainerState]:
-        return [c for c in self._newest_first(self.containers.values()) if c.running]
+    def _get(self, ref: str) -> ContainerState:
+        container = self.find_container(ref)
+        if container is None:
+            raise ApiError(404, f"No such container: {ref}")
+        return container
+
+    def container_event(self, container: ContainerState, action: str, **extra: str) -> None:
+        self.events.emit("container", action, container.id, {
+            **extra, **container.labels, "image": container.image_ref, "name": container.name})
+
+    def create_container(self, name: str | None, body: Mapping[str, Any], *,
+                         check_name: bool = True) -> ContainerState:
+        """``POST /containers/create?name=``: a new container in the ``created`` state."""
+        if not body:
+            raise ApiError(400, "Config cannot be empty in order to create a container")
+        container_id = secrets.token_hex(32)
+        if name:
+            name = check_container_name(name) if check_name else name.removeprefix("/")
+        else:
+            name = f"memory_{container_id[:8]}"
+        holder = self._by_name(name)
+        if holder is not None:
+            raise name_conflict(name, holder.id)
+        image_ref = str(body.get("Image") or "")
+        image = self.find_image(image_ref) if image_ref else None
+        if image is None:
+            try:
+                shown = normalize(image_ref)
+            except InvalidReference:
+                shown = image_ref
+            raise ApiError(404, f"No such image: {shown}")
+        host = host_config(body.get("HostConfig"))
+        container = ContainerState(
+            id=container_id, name=name, image_ref=image_ref, image_id=image.id,
+            created=self._now(), config=container_config(body, image, container_id),
+            host_config=host, networks=endpoints(host, body.get("NetworkingConfig")),
+            behaviour=image.behaviour,
+        )
+        self.containers[container_id] = container
+        self.container_event(container, "create")
+        return container
+
+    def _by_name(self, name: str) -> ContainerState | None:
+        return next((c for c in self.containers.values() if c.name == name), None)
+
+    def start_container(self, ref: str) -> bool:
+        """``POST /containers/{id}/start``; False when it runs already (304)."""
+        container = self._get(ref)
+        if container.running:
+            return False
+        for name in container.networks:
+            if name != "bridge" and self.networks.find(name) is None:
+                container.error = f"network {name} not found"
+                container.exit_code = container.exit_code or 128
+                raise ApiError(404, container.error)
+        self.lifecycle.check(container)
+        container.manually_stopped = False
+        self._resume(container)
+        return True
+
+    def _resume(self, container: ContainerState) -> None:
+        """Run ``container`` (started, or restarted by its policy)."""
+        container.status, container.exit_code, container.error = "running", 0, ""
+        container.started, container.has_run = self._now(), True
+        for name in list(container.networks):
+            self._attach(container, name)
+        if container.healthcheck is not None:
+            container.health = container.health or HealthState()
+            container.health.restart()
+        self.container_event(container, "start")
+        self.lifecycle.started(container)
+
+    def _exit(self, container: ContainerState, code: int) -> None:
+        """``container`` stopped running with ``code``: ``die`` (then its networks let go)."""
+        self.lifecycle.stopped(container)
+        container.status, container.exit_code, container.finished = "exited", code, self._now()
+        if container.health is not None:
+            container.health.stopped()
+        self.container_event(container, "die", exitCode=str(code))
+        for name in container.networks:
+            network = self.networks.find(name)
+            if network is not None and network.user_defined:
+                network.detach(container)
+                self._network_event(network.id, "disconnect", container)
+
+    def _exited(self, container: ContainerState) -> None:
+        """Tell whoever watches exits (supervisors, :meth:`on_exit`)."""
+        for hook in list(self._on_exit):
+            hook(container)
+        for supervisor in list(self.supervisors):
+            supervisor.exited(container)
 
     def stop_container(self, name_or_id: str, timeout: int | None = None) -> bool:
-        """What ``POST /containers/{id}/stop`` does; False when it was not running."""
+        """``POST /containers/{id}/stop``; False when it was not running (304). The
+        :meth:`on_stop` hooks run after the stop, then the supervisors."""
         container = self.find_container(name_or_id)
         if container is None:
             raise LookupError(f"MemoryDocker: no container {name_or_id!r}")
         self.stops.append((container.id, timeout))
-        if not container.running:
+        if container.status == "restarting":
+            self.lifecycle.stopped(container)
+            container.status, container.manually_stopped = "exited", True
+            self.container_event(container, "stop")
+            return True
+        if container.status != "running":
             return False
-        container.running = False
-        container.finished = self._now()
+        container.manually_stopped = True
+        signal = str(container.config.get("StopSignal") or "TERM").upper()
+        self.container_event(container, "kill", signal=str(_SIGNALS.get(signal, 15)))
+        self._exit(container, container.behaviour.stop_code)
+        self.container_event(container, "stop")
         for hook in list(self._on_stop):
             hook(container)
+        self._exited(container)
         return True
 
+    def kill_container(self, ref: str, signal: str = "KILL") -> None:
+        """``POST /containers/{id}/kill?signal=``."""
+        container = self._get(ref)
+        if not container.running:
+            raise ApiError(409, f"Cannot kill container: {ref}: Container {container.id} is not"
+                                " running")
+        container.manually_stopped = True
+        if container.status == "restarting":
+            self.lifecycle.stopped(container)
+            container.status = "exited"
+            return
+        number = int(signal) if signal.isdigit() else _SIGNALS.get(signal.upper(), 9)
+        self.container_event(container, "kill", signal=str(number))
+        code = container.behaviour.stop_code if number == 15 else 128 + number
+        self._exit(container, code)
+        self._exited(container)
+
+    def restart_container(self, ref: str, timeout: int | None = None) -> None:
+        """``POST /containers/{id}/restart``: stop if running, start, then ``restart``."""
+        container = self._get(ref)
+        if container.running:
+            self.stop_container(container.id, timeout)
+        try:
+            self.start_container(container.id)
+        except ApiError as e:
+            raise ApiError(500, f"Cannot restart container {ref}: {e.message}") from e
+        self.container_event(container, "restart")
+
+    def remove_container(self, ref: str, force: bool = False) -> None:
+        """``DELETE /containers/{id}?force=``."""
+        container = self._get(ref)
+        if container.running and not force:
+            what = "restarting" if container.status == "restarting" else "running"
+            raise ApiError(409, f"You cannot remove a {what} container {container.id}. Stop the"
+                                " container before attempting removal or force remove")
+        killed = container.status == "running"
+        if killed:
+            self.container_event(container, "kill", signal="9")
+            self._exit(container, 137)
+        self.lifecycle.stopped(container)
+        del self.containers[container.id]
+        self.container_event(container, "destroy")
+        if killed:
+            self._exited(container)
+
+    def rename_container(self, ref: str, new_name: str) -> None:
+        """``POST /containers/{id}/rename?name=``."""
+        if not new_name:
+            raise ApiError(400, "Neither old nor new names may be empty")
+        container = self._get(ref)
+        shown = new_name if new_name.startswith("/") else "/" + new_name
+        if shown.removeprefix("/") == container.name:
+            raise ApiError(400, "Renaming a container with the same name as its current name")
+        prefix = "Error when allocating new name: "
+        name = check_container_name(shown, prefix)
+        holder = self._by_name(name)
+        if holder is not None:
+            raise name_conflict(name, holder.id, prefix)
+        old, container.name = container.name, name
+        self.container_event(container, "rename", oldName="/" + old)
+
+    # -- test helpers ---------------------------------------------------------------------------
+
+    def run(self, name: str | None, image_ref: str, labels: Mapping[str, str] | None = None,
+            **body: Any) -> str:
+        """``docker run -d --name NAME IMAGE``: create and start a container of a local image
+        (by repo:tag or id); returns its id. ``labels`` and ``body`` (fields of the create
+        body: ``Env``, ``HostConfig``, ``NetworkingConfig``...) as ``docker run`` sends them.
+        Raises LookupError for a missing image, ValueError for a name in use (any name goes,
+        where the API would check it)."""
+        if self.find_image(image_ref) is None:
+            raise LookupError(f"MemoryDocker: no local image {image_ref!r}; pull or add it first")
+        if name and self._by_name(name.removeprefix("/")) is not None:
+            raise ValueError(f"MemoryDocker: the container name {name!r} is already in use")
+        if labels:
+            body["Labels"] = {**body.get("Labels", {}), **labels}
+        container = self.create_container(name, {**body, "Image": image_ref}, check_name=False)
+        self.start_container(container.id)
+        return container.id
+
+    def remove(self, name_or_id: str) -> None:
+        """``docker rm -f``; LookupError when there is no such container."""
+        if self.find_container(name_or_id) is None:
+            raise LookupError(f"MemoryDocker: no container {name_or_id!r}")
+        self.remove_container(name_or_id, force=True)
+
+    def containers_running(self) -> list[ContainerState]:
+        return [c for c in self._newest_first(self.containers.values()) if c.running]
+
     def on_stop(self, callback: Callable[[ContainerState], object]) -> None:
-        """Call ``callback(container)`` after each stop; e.g. :meth:`restart_like_supervisor`."""
+        """Call ``callback(container)`` after each stop through the API (``docker stop``);
+        e.g. :meth:`restart_like_supervisor`."""
         self._on_stop.append(callback)
+
+    def on_exit(self, callback: Callable[[ContainerState], object]) -> None:
+        """Call ``callback(container)`` whenever a running container stops for good (stopped,
+        killed, removed, or exited by itself without a restart policy to restart it)."""
+        self._on_exit.append(callback)
 
     def restart_like_supervisor(self, container: ContainerState) -> str:
         """What ``Restart=always`` with ``docker rm -f NAME; docker run --name NAME REPO:TAG``
         does: a new container of the same name on whatever the ref points at now."""
         self.remove(container.id)
         return self.run(container.name, container.image_ref)
+
+    def supervise(self, name: str, image_ref: str, delay: float = 0.0) -> MemorySupervisor:
+        """Run ``name`` from ``image_ref`` now, and again whenever it stops (see
+        :class:`MemorySupervisor`)."""
+        supervisor = MemorySupervisor(self, name, image_ref, delay)
+        self.supervisors.append(supervisor)
+        return supervisor.start()
+
+    def stop_engine(self) -> None:
+        """dockerd going down: its running containers stop (their events still go out), then
+        its event streams close and it refuses connections (:attr:`down`)."""
+        self.down = True
+        for container in list(self.containers.values()):
+            if container.status == "restarting":
+                self.lifecycle.stopped(container)
+                container.status = "exited"
+            elif container.status == "running":
+                self.container_event(container, "kill", signal="15")
+                self._exit(container, container.behaviour.stop_code)
+                self.container_event(container, "stop")
+        self.events.drop()
+
+    def start_engine(self) -> None:
+        """dockerd back: it remembers no event from before, starts the containers whose
+        restart policy says so, and answers again; supervisors run their containers again."""
+        self.events.forget()
+        self.down = False
+        for container in list(self.containers.values()):
+            policy = (container.host_config.get("RestartPolicy") or {}).get("Name")
+            if container.status == "exited" and container.has_run and (
+                    policy == "always" or (policy == "unless-stopped"
+                                           and not container.manually_stopped)):
+                self.start_container(container.id)
+        for supervisor in list(self.supervisors):
+            supervisor.engine_back()
 
     @staticmethod
     def _newest_first(items: Iterable[Any]) -> list[Any]:
@@ -420,3 +453,9 @@ class EngineState:
             if image is None or image.id != container.image_id:
                 return container.image_id
         return container.image_ref
+
+
+__all__ = [
+    "ENGINE_VERSION", "IMAGE_SIZE", "ApiError", "ContainerState", "EngineState", "Gate",
+    "ImageState", "PullRecord", "RemoteImage", "digest_of", "normalize",
+]

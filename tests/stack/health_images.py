@@ -7,14 +7,24 @@ more ``--change`` instructions: the engine's import takes ``HEALTHCHECK`` as it 
 
 Each helper blocks (it runs the docker CLI); inside a test with code running on the reactor, call
 it through ``threads.deferToThread``.
+
+The ``memory_*`` helpers make the same images in the in-memory engine: the same ``CMD``, labels
+and ``HEALTHCHECK`` (``--interval=1s --timeout=2s --retries=2``), and a
+:class:`~deployer.testing.memory_health.Behaviour` that does what the image's scripts do (a check
+that passes from the first probe, one that never passes, a container that exits).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from deployer.testing.memory_health import Behaviour, Healthcheck
 from tests.stack.docker_stack import Dockerd, Rootfs, build_image
+
+if TYPE_CHECKING:
+    from deployer.testing.memory_state import EngineState
 
 HEALTHY_TEST = "test -f /tmp/healthy"
 """A check that passes once run.sh has started."""
@@ -51,7 +61,41 @@ def image_healthcheck(dockerd: Dockerd, ref: str) -> list[str] | None:
     return None if found is None else list(found.get("Test") or [])
 
 
+# -- the same images in the in-memory engine ------------------------------------------------------
+
+
+def memory_healthcheck(test: str = HEALTHY_TEST) -> Healthcheck:
+    """What :func:`healthcheck` stores for ``test`` (with its defaults)."""
+    return Healthcheck.shell(test, interval=1.0, timeout=2.0, retries=2)
+
+
+def memory_image(engine: EngineState, ref: str, version: str) -> str:
+    """:func:`build_image` in the in-memory engine; its image id."""
+    return engine.add_image([ref], labels={"version": version})
+
+
+def memory_health_image(engine: EngineState, ref: str, version: str,
+                        test: str = HEALTHY_TEST) -> str:
+    """:func:`build_health_image` in the in-memory engine: ``HEALTHY_TEST`` passes from the
+    first probe, ``FAILING_TEST`` never; its image id."""
+    if test not in (HEALTHY_TEST, FAILING_TEST):
+        raise ValueError(f"no in-memory behaviour for the health check {test!r}")
+    behaviour = Behaviour() if test == HEALTHY_TEST else Behaviour.never_healthy()
+    return engine.add_image([ref], labels={"version": version},
+                            healthcheck=memory_healthcheck(test), behaviour=behaviour)
+
+
+def memory_dying_image(engine: EngineState, ref: str, version: str, after: float = 1.0,
+                       code: int = 3) -> str:
+    """:func:`build_dying_image` in the in-memory engine; its image id."""
+    return engine.add_image(
+        [ref], labels={"version": version}, behaviour=Behaviour.dies(after, code),
+        config={"Cmd": ["/bin/sh", "-c", f"sleep {after:g}; exit {code}"]},
+    )
+
+
 __all__ = [
     "FAILING_TEST", "HEALTHY_TEST", "build_dying_image", "build_health_image", "healthcheck",
-    "image_healthcheck",
+    "image_healthcheck", "memory_dying_image", "memory_health_image", "memory_healthcheck",
+    "memory_image",
 ]
