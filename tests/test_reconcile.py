@@ -161,7 +161,7 @@ class Shim:
         container = self.host.mem.find_container(container_id)
         assert container is not None
         self.started.append(container_id)
-        container.running = True
+        self.host.mem.start_container(container_id)
         self.host._emit("start", container)
 
     async def tag(self, image: str, repository: str, tag: str) -> None:

@@ -92,7 +92,7 @@ class EngineExtras(Resource):
             if container is None:
                 request.setResponseCode(404)
                 return b'{"message": "No such container"}'
-            container.running = True
+            self.mem.start_container(container.id)
             self.emit("start", container)
             request.setResponseCode(204)
             return b""
