@@ -153,8 +153,11 @@ def test_a_docker_push_alone_deploys(
 
 
 def etcd_keys(etcd: EtcdMember, prefix: str) -> list[str]:
+    """The trigger keys under ``prefix`` (not the daemon's own state under ``<prefix>/_/``,
+    such as the host status it publishes)."""
     out = etcdctl(etcd.client_url, "get", "--prefix", prefix + "/", "--keys-only")
-    return [line for line in out.splitlines() if line.strip()]
+    return [line for line in out.splitlines()
+            if line.strip() and not line.startswith(prefix + "/_/")]
 
 
 REFUSED: list[tuple[str, str, bytes, dict[str, str], bool, int]] = [
