@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.common import ROOT, Section, machine, terminate_cleanly
 
-BENCHMARKS = ("deploy_latency", "engine_calls", "fanout", "webhook_load")
+BENCHMARKS = ("deploy_latency", "engine_calls", "fanout", "webhook_load", "recreate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where to write the report (default: BENCHMARKS.md at the top)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer iterations everywhere (a smoke run, not figures to keep)")
-    parser.add_argument("--iterations", type=int, help="deploy_latency: deploys per mode (10)")
+    parser.add_argument("--iterations", type=int,
+                        help="deploy_latency, recreate: runs per mode (10)")
     parser.add_argument("--sizes", help="engine_calls: running containers (3,30,300)")
     parser.add_argument("--updates", type=int, help="fanout: webhooks per N (100)")
     parser.add_argument("--watchers", help="fanout: values of N (1,3,10)")
@@ -58,6 +59,7 @@ def benchmark_args(name: str, options: argparse.Namespace) -> list[str]:
         "webhook_load": [("--duration", options.duration, 3), ("--runs", options.runs, 1),
                          ("--connections", options.connections, None),
                          ("--webhooks", options.webhooks, 2000)],
+        "recreate": [("--iterations", options.iterations, 3)],
     }
     out: list[str] = []
     for flag, value, quick_value in flags[name]:
