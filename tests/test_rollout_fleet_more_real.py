@@ -272,6 +272,7 @@ def test_two_pushes_a_second_apart_end_on_the_second_everywhere(fleet: Fleet) ->
     v3_id = fleet.images.build(builder, ref, "v3", GOOD)  # pushed a second after v2's webhook
 
     with StateSampler([h.engine for h in fleet.hosts], name) as sampler:
+        began = time.monotonic()
         fleet.deploy(ref, via=0)
         time.sleep(1.0)
         fleet.images.push(builder, ref)
@@ -280,6 +281,7 @@ def test_two_pushes_a_second_apart_end_on_the_second_everywhere(fleet: Fleet) ->
                    for h in fleet.hosts))
         wait_until(lambda: all(app_state(h.engine, name) == (v3_id, True) for h in fleet.hosts),
                    60, "every host healthy on v3", 0.1)
+        took = time.monotonic() - began
         fleet.wait_free()
         time.sleep(2.0)  # nothing moves afterwards
 
@@ -292,8 +294,20 @@ def test_two_pushes_a_second_apart_end_on_the_second_everywhere(fleet: Fleet) ->
     assert sampler.fewest_healthy >= 2, [s for s in sampler.samples
                                          if sum(ok for _, ok in s[1]) < 2]
     assert fleet.pause(ref) is None
+
+    # and /status says so: one image on every host, converged
+    def status_on_v3() -> bool:
+        code, document = fleet.hosts[2].deployer.get("/status")
+        app = document.get("apps", {}).get(ref, {}) if code == 200 else {}
+        hosts = app.get("hosts", {})
+        return (app.get("converged") is True and sorted(hosts) == ["h1", "h2", "h3"]
+                and all(h.get("image_id") == v3_id for h in hosts.values()))
+
+    wait_until(status_on_v3, 30, "/status: every host on v3, converged", 0.2)
     on_v2 = sum(any(seen[n][0] == v2.image_id for _, seen in sampler.samples) for n in range(3))
-    print(f"two pushes: {on_v2} of 3 hosts ran v2 for a while before v3")
+    stops = sum(h.deployer.log().count(f"stopped {name} (") for h in fleet.hosts)
+    print(f"two pushes: {on_v2} of 3 hosts ran v2 for a while before v3; {stops} stops;"
+          f" every host healthy on v3 {took:.1f}s after the first webhook")
 
 
 # -- resume: bad input and etcd down, on a real daemon --------------------------------------------
