@@ -1,6 +1,6 @@
 """Runs every benchmark (each in its own process) and writes BENCHMARKS.md.
 
-    bench/run                      # all four, default sizes (about 3-5 minutes)
+    bench/run                      # all of them, default sizes (about 5-7 minutes)
     bench/run --quick              # fewer iterations, for a check of the scripts
     bench/run --only fanout,webhook_load --output /tmp/B.md
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from bench.common import ROOT, Section, machine, terminate_cleanly
 
-BENCHMARKS = ("deploy_latency", "engine_calls", "fanout", "webhook_load", "recreate")
+BENCHMARKS = ("deploy_latency", "engine_calls", "fanout", "webhook_load", "recreate",
+              "rollout")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, help="webhook_load: connections (32)")
     parser.add_argument("--webhooks", type=int, help="webhook_load: webhooks before the memory"
                                                      " reading (10000)")
+    parser.add_argument("--rollouts", type=int, help="rollout: fleet rollouts per mode (8)")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each benchmark, wait up to SECONDS for the 1-minute load"
                              " average to drop below --quiet-load (default: do not wait)")
@@ -60,6 +62,7 @@ def benchmark_args(name: str, options: argparse.Namespace) -> list[str]:
                          ("--connections", options.connections, None),
                          ("--webhooks", options.webhooks, 2000)],
         "recreate": [("--iterations", options.iterations, 3)],
+        "rollout": [("--iterations", options.rollouts, 2)],
     }
     out: list[str] = []
     for flag, value, quick_value in flags[name]:
