@@ -3,9 +3,10 @@
 
 Every connection the daemon opens on the memory reactor is served in memory
 (:class:`Network`): the engine's unix socket by :class:`MemoryDocker` (its ``/events`` stream
-too; ``web`` runs under its supervisor), etcd's members by an in-memory gateway, the notification URLs by a recorder; requests to the daemon go to the
-factory it listens with. Each test fails when one part of the wiring is left out: the round
-counter, the deploy report, the re-pull timer, the etcd watch, the listening port, the closers.
+too; ``web`` runs under its supervisor), etcd's members by an in-memory gateway, the
+notification URLs by a recorder; requests to the daemon go to the factory it listens with. Each
+test fails when one part of the wiring is left out: the round counter, the deploy report, the
+re-pull timer, the etcd watch, the listening port, the closers.
 """
 
 from __future__ import annotations
