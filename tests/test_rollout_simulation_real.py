@@ -34,7 +34,7 @@ from deployer.reconcile import RoundReport
 from deployer.reference import parse_reference
 from deployer.rollout.gateway import get_prefix
 from deployer.rollout.keys import RolloutKeys
-from deployer.rounds import Outcome, Result
+from deployer.rounds import Result
 from deployer.service import DeployerService
 from deployer.testing.memory_docker import Behaviour, ContainerState, Healthcheck, MemoryDocker
 from tests.stack.etcd_stack import EtcdMember
@@ -72,14 +72,13 @@ def up(container: ContainerState | None) -> bool:
 
 
 @attrs.define(eq=False)
-class SimHost:
-    """One host: its engine, the daemon on it, and what its rounds and replacements did."""
+class Host:
+    """One host: its engine, the daemon on it, and what its rounds did."""
 
     name: str
     mem: MemoryDocker
     service: DeployerService
     reports: list[RoundReport] = attrs.field(factory=list)
-    outcomes: list[Outcome] = attrs.field(factory=list)
     #: The image id of every container of ``web`` that ran here.
     ran: set[str] = attrs.field(factory=set)
 
@@ -102,7 +101,7 @@ class Fleet:
     def __init__(self, etcd: EtcdMember, prefix: str, max_unavailable: int) -> None:
         self.prefix = prefix
         self.max_unavailable = max_unavailable
-        self.hosts: list[SimHost] = []
+        self.hosts: list[Host] = []
         self.most_down = 0
         self.violations: list[str] = []
         self.sampler = LoopingCall(self.check, "sample")
@@ -123,10 +122,8 @@ class Fleet:
             )
             docker = DockerClient(reactor, mem.agent())
             service = DeployerService.from_config(config, reactor, docker=docker)
-            host = SimHost(name, mem, service)
+            host = Host(name, mem, service)
             service.reconciler.observers.append(host.reports.append)
-            assert service.reconciler.rollout is not None
-            service.reconciler.rollout.observers.append(host.outcomes.append)
             mem.on_exit(lambda c, host=host: host.ran.add(c.image_id))
             mem.on_stop(lambda c, where=name: self.check(f"{where} stopped {c.id[:12]}"))
             self.hosts.append(host)
@@ -207,7 +204,7 @@ async def fleet(request: pytest.FixtureRequest, etcd: EtcdMember, etcd_prefix: s
         await made.stop()
 
 
-def results(host: SimHost, rounds: int) -> list[Result]:
+def results(host: Host, rounds: int) -> list[Result]:
     """The results of the replacements of round ``rounds`` (1-based) on ``host``."""
     return [o.result for o in host.reports[rounds - 1].outcomes]
 
