@@ -20,6 +20,7 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -675,6 +676,30 @@ def test_health_check_defaults_start_period_and_none(timed: MemoryDocker, clock:
 
     plain = timed.run("plain", f"{REPO}:qa", Healthcheck={"Test": ["NONE"]})
     assert "Health" not in timed.containers[plain].inspect()["State"]
+
+
+class StrictClock(Clock):
+    """A Clock that refuses a negative delay, as a real reactor does."""
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: Any,
+                  **kw: Any) -> Any:
+        assert delay >= 0, f"{delay} is not greater than or equal to 0 seconds"
+        return super().callLater(delay, f, *args, **kw)
+
+
+def test_probes_go_on_when_the_reactor_runs_late() -> None:
+    clock = StrictClock()
+    clock.advance(1_800_000_000)
+    mem = MemoryDocker(clock=clock)
+    mem.add_image([f"{REPO}:qa"], healthcheck=CHECK, behaviour=Behaviour(healthy_after=2.5))
+    web = mem.containers[mem.run("web", f"{REPO}:qa")]
+    with capturedLogs() as logged:
+        clock.advance(3.5)  # the probe due at 1 s runs at 3.5 s: those due at 2 and 3 s follow
+    assert [e for e in logged if "log_failure" in e] == []
+    assert web.health is not None and web.health.status == "healthy"
+    assert len(web.health.log) == 3
+    clock.advance(0.5)
+    assert len(web.health.log) == 4
 
 
 def test_a_container_that_exits_by_itself(timed: MemoryDocker, clock: Clock) -> None:

@@ -3,13 +3,13 @@
 The engine is :class:`MemoryDocker` served to the real :class:`DockerClient` through its agent,
 so every round goes through the client's HTTP encoding. The engine answers at once; the round
 replaces stale containers through a standalone rollout (:class:`Rollout` with a
-:class:`StopReplacer`), whose readiness wait follows container events. Until the in-memory
-engine serves ``/events``, ``start`` and ``tag`` itself, :class:`Shim` adds them here: a stop
-tells the events a container died and, by default, a supervisor runs it again at once on what
-its tag points at now (:attr:`Host.supervised`). ``min_ready`` is 0, so a replacement is ready
-on the clock's next turn: :meth:`Host.settle` runs those turns without moving the time. A round
-thus runs to its end inside :meth:`Reconciler.request` and :meth:`Host.settle`, unless a pull is
-held open with ``slow_pull``; the tests are plain synchronous functions.
+:class:`StopReplacer`), whose readiness wait follows the engine's own ``/events`` stream through
+the daemon's :class:`EngineEvents`. Each container runs under the engine's supervisor, which
+runs it again at once on what its tag points at now (unless :attr:`Host.supervised` is False
+when it is run). ``min_ready`` is 0, so a replacement is ready on the clock's next turn:
+:meth:`Host.settle` runs those turns without moving the time. A round thus runs to its end
+inside :meth:`Reconciler.request` and :meth:`Host.settle`, unless a pull is held open with
+``slow_pull``; the tests are plain synchronous functions.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 
 from deployer.docker import Container, DockerClient, Image, looks_like_id
-from deployer.events import ContainerEvent
+from deployer.events import EngineEvents
 from deployer.host_apps import HostApps
 from deployer.model import Update
 from deployer.readiness import ReadyRules
@@ -38,7 +38,6 @@ from deployer.rollout_round import Rollout
 from deployer.rounds import Result
 from deployer.testing.memory_docker import ContainerState, MemoryDocker
 from tests.helpers import fired
-from tests.rollout_fakes import FakeEvents
 
 REG = "registry.test:5000"
 FOO = f"{REG}/myorg/foo"
@@ -52,8 +51,9 @@ INSPECT = "/containers/{id}/json"
 
 
 class Host:
-    """One host: the in-memory engine, the real client over it, a Clock as the reactor, and
-    the report of every round."""
+    """One host: the in-memory engine, the real client over it, the daemon's event stream of
+    it, a Clock as the reactor, and the report of every round. The engine calls the tests look
+    at (``mem.calls``) are those made after the event stream was opened."""
 
     def __init__(self, pull_stall_timeout: float = 120.0) -> None:
         self.clock = Clock()
@@ -63,29 +63,26 @@ class Host:
         self.reports: list[RoundReport] = []
         self.names: dict[str, str] = {}
         self._events = itertools.count(1)
-        self.events = FakeEvents()
-        #: Whether a supervisor runs a stopped container again (on what its tag points at).
+        self.events = EngineEvents(self.clock, self.client)
+        self.events.startService()
+        assert self.events.live, self.events.reason
+        del self.mem.calls[:]
+        #: Whether the containers run from now on run under a supervisor, which runs a stopped
+        #: one again (on what its tag points at then).
         self.supervised = True
         self.mem.on_stop(self._stopped)
 
-    def _emit(self, action: str, container: ContainerState) -> None:
-        self.events.emit(ContainerEvent(action, container.id, container.name,
-                                        container.image_ref, attributes={"name": container.name}))
-
     def _stopped(self, container: ContainerState) -> None:
-        self._emit("die", container)
-        if self.supervised:
-            new = self.mem.restart_like_supervisor(container)
-            self.names[new] = container.name
-            self._emit("start", self.mem.containers[new])
+        self.names[container.id] = container.name
 
     def rollout(self, engine: Any = None, max_unavailable: int = 1) -> Rollout:
-        shim = Shim(engine or self.client, self)
+        engine = engine or self.client
         rules = ReadyRules(min_ready=0.0, ready_timeout=60.0)
         parts = wiring.standalone(self.clock, hostname="host-a", max_unavailable=max_unavailable)
         return Rollout(
-            self.clock, shim, parts,
-            {ReplaceMode.STOP: StopReplacer(self.clock, shim, self.events, rules, KILL_TIMEOUT)},
+            self.clock, engine, parts,
+            {ReplaceMode.STOP: StopReplacer(self.clock, engine, self.events, rules,
+                                            KILL_TIMEOUT)},
             hostname="host-a", apps=HostApps(parts.publish, self.events),
         )
 
@@ -117,7 +114,15 @@ class Host:
         return self.mem.add_image([repotag])
 
     def run(self, name: str, ref: str) -> str:
-        container_id = self.mem.run(name, ref)
+        """Run ``name`` from ``ref`` (under the engine's supervisor while :attr:`supervised`);
+        the container's id."""
+        if self.supervised:
+            self.mem.supervise(name, ref)
+            container = self.mem.find_container(name)
+            assert container is not None and container.running, name
+            container_id = container.id
+        else:
+            container_id = self.mem.run(name, ref)
         self.names[container_id] = name
         return container_id
 
@@ -143,30 +148,6 @@ class Host:
     def calls_since(self, start: int) -> list[tuple[str, str]]:
         """Engine calls from index ``start``, without the API version prefix."""
         return [(m, p.removeprefix("/v1.41")) for m, p in self.mem.calls[start:]]
-
-
-class Shim:
-    """``engine`` with ``start`` and ``tag`` done on the memory engine's state directly."""
-
-    def __init__(self, engine: Any, host: Host) -> None:
-        self.engine = engine
-        self.host = host
-        self.started: list[str] = []
-        self.tagged: list[tuple[str, str]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
-
-    async def start(self, container_id: str) -> None:
-        container = self.host.mem.find_container(container_id)
-        assert container is not None
-        self.started.append(container_id)
-        self.host.mem.start_container(container_id)
-        self.host._emit("start", container)
-
-    async def tag(self, image: str, repository: str, tag: str) -> None:
-        self.tagged.append((image, f"{repository}:{tag}"))
-        self.host.mem.add_image([f"{repository}:{tag}"], image_id=image)
 
 
 class Held:
@@ -218,6 +199,12 @@ class Held:
             self._stops.append((container_id, held))
             await held
         await self.client.stop(container_id, timeout)
+
+    async def start(self, container_id: str) -> None:
+        await self.client.start(container_id)
+
+    async def tag(self, image: str, repository: str, tag: str) -> None:
+        await self.client.tag(image, repository, tag)
 
 
 @pytest.fixture

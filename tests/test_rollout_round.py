@@ -1,6 +1,6 @@
 """The rollout in the round (:mod:`deployer.rollout_round`) on one host, standalone, with a Clock
-and the fake engine of :mod:`tests.rollout_fakes`: slots, readiness, pause and rollback,
-labels, replace modes, ``--max_unavailable``, and what the host publishes."""
+and the in-memory engine (:class:`tests.rollout_fakes.SimHost`): slots, readiness, pause and
+rollback, labels, replace modes, ``--max_unavailable``, and what the host publishes."""
 
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ from deployer.rollout.pause import PauseRecord
 from deployer.rollout.slots import LocalSlots, Slot
 from deployer.rounds import Result
 from tests.helpers import fired
-from tests.rollout_fakes import Build, SimHost, run_until
+from tests.rollout_fakes import BAD, GOOD, Build, SimHost, health, run_until
 
 APP = "registry.test:5000/myorg/app:qa"
 OTHER = "registry.test:5000/myorg/other:qa"
-GOOD = Build(health=True)
-BAD = Build(health=False)
 
 
 @pytest.fixture
@@ -45,10 +43,10 @@ def standalone(clock: Clock, max_unavailable: int = 1, **kw: Any) -> SimHost:
 
 def running_on(host: SimHost, name: str) -> tuple[str, str | None] | None:
     """(image id, health) of the running container ``name``."""
-    container = host.engine.named(name)
+    container = host.named(name)
     if container is None or not container.running:
         return None
-    return container.image_id, container.health
+    return container.image_id, health(container)
 
 
 def holding(host: SimHost) -> Any:
@@ -63,13 +61,13 @@ def holding(host: SimHost) -> Any:
 def test_the_slot_is_held_until_the_replacement_is_healthy() -> None:
     clock = Clock()
     host = standalone(clock)
-    old = host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    new = host.engine.publish(APP, GOOD)
+    old = host.local(APP, GOOD)
+    host.run("web", APP)
+    new = host.publish(APP, GOOD)
 
     host.deploy(APP)
 
-    assert host.engine.count("stop") == 1  # pulled, then taken down at once: its turn came
+    assert host.stops == 1  # pulled, then taken down at once: its turn came
     assert [t.container for t in holding(host)[APP].replacing] == ["web"]
     clock.advance(0.5)  # the supervisor runs it again, from the tag: the new build
     assert running_on(host, "web") == (new, "starting")
@@ -89,9 +87,9 @@ def test_the_slot_is_held_until_the_replacement_is_healthy() -> None:
 def test_without_a_health_check_ready_means_running_for_min_ready() -> None:
     clock = Clock()
     host = standalone(clock, rules=ReadyRules(min_ready=5.0, ready_timeout=30.0))
-    host.engine.local(APP)
-    host.engine.run("web", APP)
-    new = host.engine.publish(APP)
+    host.local(APP)
+    host.run("web", APP)
+    new = host.publish(APP)
     host.deploy(APP)
     clock.advance(0.5)
     assert running_on(host, "web") == (new, None)
@@ -110,20 +108,20 @@ def test_an_unhealthy_build_pauses_the_app_and_the_host_goes_back(
 ) -> None:
     clock = Clock()
     host = standalone(clock)
-    old = host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    bad = host.engine.publish(APP, BAD)
+    old = host.local(APP, GOOD)
+    host.run("web", APP)
+    bad = host.publish(APP, BAD)
 
     host.deploy(APP)
     clock.advance(0.5)  # restarted on the bad build
-    assert host.engine.image_of(APP) == bad and fired(host.rollouts.pauses.get(APP)) is None
+    assert host.image_of(APP) == bad and fired(host.rollouts.pauses.get(APP)) is None
     clock.advance(1.0)  # and its check failed
 
     record = fired(host.rollouts.pauses.get(APP))
     assert record is not None
     assert (record.app, record.image_id, record.host) == (APP, bad, "h1")
     assert record.digest is not None and record.reason.startswith("unhealthy:")
-    assert host.engine.image_of(APP) == old  # the tag is back on the previous build
+    assert host.image_of(APP) == old  # the tag is back on the previous build
     run_until(clock, lambda: host.idle)
     assert running_on(host, "web") == (old, "healthy")  # the supervisor ran the previous one
     [outcome] = host.outcomes
@@ -143,16 +141,16 @@ def test_an_unhealthy_build_pauses_the_app_and_the_host_goes_back(
 def test_a_build_that_exits_is_rolled_back() -> None:
     clock = Clock()
     host = standalone(clock)
-    old = host.engine.local(APP)
-    host.engine.run("web", APP)
-    host.engine.publish(APP, Build(dies_after=0.3, exit_code=7))
+    old = host.local(APP)
+    host.run("web", APP)
+    host.publish(APP, Build.dies(0.3, 7))
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
     [outcome] = host.outcomes
     assert outcome.result is Result.ROLLED_BACK and outcome.reason == "exited"
     assert "code 7" in outcome.detail
     assert running_on(host, "web") == (old, None)
-    assert host.engine.image_of(APP) == old
+    assert host.image_of(APP) == old
 
 
 def test_without_a_supervisor_the_stopped_container_is_started_again_and_the_app_paused(
@@ -160,19 +158,19 @@ def test_without_a_supervisor_the_stopped_container_is_started_again_and_the_app
 ) -> None:
     clock = Clock()
     host = standalone(clock)
-    old = host.engine.local(APP)
-    web = host.engine.run("web", APP, supervised=False)
-    new = host.engine.publish(APP)
+    old = host.local(APP)
+    web = host.run("web", APP, supervised=False)
+    new = host.publish(APP)
 
     host.deploy(APP)
     assert running_on(host, "web") is None
     clock.advance(29.9)
-    assert host.engine.count("start") == 0
+    assert host.starts == 0
     clock.advance(0.1)  # --ready_timeout: nothing ran the new build under that name
 
-    assert ("start", web) in host.engine.calls  # the very container that was stopped
+    assert host.started(web)  # the very container that was stopped
     assert running_on(host, "web") == (old, None)
-    assert host.engine.image_of(APP) == old
+    assert host.image_of(APP) == old
     record = fired(host.rollouts.pauses.get(APP))
     assert record is not None and record.image_id == new
     assert record.reason.startswith("no_replacement:")
@@ -186,16 +184,16 @@ def test_without_a_supervisor_the_stopped_container_is_started_again_and_the_app
 def test_the_other_containers_of_a_bad_build_are_never_taken_down() -> None:
     clock = Clock()
     host = standalone(clock)
-    old = host.engine.local(APP, GOOD)
-    first = host.engine.run("web-1", APP)
-    second = host.engine.run("web-2", APP)
-    host.engine.publish(APP, BAD)
+    old = host.local(APP, GOOD)
+    first = host.run("web-1", APP)
+    second = host.run("web-2", APP)
+    host.publish(APP, BAD)
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
     assert [(o.name, o.result) for o in host.outcomes] == [
         ("web-1", Result.ROLLED_BACK), ("web-2", Result.PAUSED)
     ]
-    assert ("stop", second) not in host.engine.calls and ("stop", first) in host.engine.calls
+    assert not host.stopped(second) and host.stopped(first)
     assert running_on(host, "web-2") == (old, "healthy")
     assert running_on(host, "web-1") == (old, "healthy")
     assert len(host.notices) == 1
@@ -222,17 +220,17 @@ def test_a_build_paused_already_is_not_replaced_and_the_tag_goes_back() -> None:
     slots = CountingSlots(clock)
     host = SimHost(clock, "h2", wiring.Rollouts(slots, parts.pauses, parts.publish,
                                                 parts.status))
-    old = host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    bad = host.engine.publish(APP, BAD)
+    old = host.local(APP, GOOD)
+    host.run("web", APP)
+    bad = host.publish(APP, BAD)
     fired(parts.pauses.pause(PauseRecord(APP, bad, None, "h1", "unhealthy: boom", 1.0)))
 
     host.deploy(APP)
 
     assert host.idle
-    assert host.engine.count("pull") == 1  # pulled early, as every host does
-    assert host.engine.count("stop") == 0 and slots.asked == []
-    assert host.engine.image_of(APP) == old
+    assert host.pulls == 1  # pulled early, as every host does
+    assert host.stops == 0 and slots.asked == []
+    assert host.image_of(APP) == old
     [outcome] = host.outcomes
     assert outcome.result is Result.PAUSED and "h1" in outcome.detail
     assert host.reports[-1].stopped == ()
@@ -241,14 +239,14 @@ def test_a_build_paused_already_is_not_replaced_and_the_tag_goes_back() -> None:
 def test_a_new_build_ends_the_pause_and_rolls_out() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    bad = host.engine.publish(APP, BAD)
+    host.local(APP, GOOD)
+    host.run("web", APP)
+    bad = host.publish(APP, BAD)
     fired(host.rollouts.pauses.pause(PauseRecord(APP, bad, None, "h9", "unhealthy", 1.0)))
     host.deploy(APP)
     assert [o.result for o in host.outcomes] == [Result.PAUSED]
 
-    good = host.engine.publish(APP, GOOD)
+    good = host.publish(APP, GOOD)
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
 
@@ -264,15 +262,15 @@ def test_a_host_that_waited_for_its_slot_and_finds_the_app_paused_does_not_repla
     first, second = SimHost(clock, "h1", parts), SimHost(clock, "h2", parts)
     olds = []
     for host in (first, second):
-        olds.append(host.engine.local(APP, GOOD))
-        host.engine.run("web", APP)
-        host.engine.publish(APP, BAD, image_id="sha256:" + "b" * 64)
+        olds.append(host.local(APP, GOOD))
+        host.run("web", APP)
+        host.publish(APP, BAD, image_id="sha256:" + "b" * 64)
     first.deploy(APP)
     second.deploy(APP)
-    assert second.engine.image_of(APP) == "sha256:" + "b" * 64  # pulled, waits for a slot
+    assert second.image_of(APP) == "sha256:" + "b" * 64  # pulled, waits for a slot
     run_until(clock, lambda: first.idle and second.idle)
-    assert second.engine.count("stop") == 0
-    assert second.engine.image_of(APP) == olds[1]
+    assert second.stops == 0
+    assert second.image_of(APP) == olds[1]
     assert [o.result for o in second.outcomes] == [Result.PAUSED]
     assert second.outcomes[0].waited > 0 and second.outcomes[0].slot
     assert len(first.notices) == 1 and second.notices == []
@@ -284,26 +282,26 @@ def test_a_host_that_waited_for_its_slot_and_finds_the_app_paused_does_not_repla
 def test_containers_that_opt_out_are_never_touched() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP)
-    pinned = host.engine.run("pinned", APP, labels={"deployer.enable": "false"})
-    host.engine.run("web", APP)
-    host.engine.publish(APP)
+    host.local(APP)
+    pinned = host.run("pinned", APP, labels={"deployer.enable": "false"})
+    host.run("web", APP)
+    host.publish(APP)
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
-    assert ("stop", pinned) not in host.engine.calls
+    assert not host.stopped(pinned)
     assert [o.name for o in host.outcomes] == ["web"]
 
 
 def test_label_enable_touches_only_containers_that_opt_in() -> None:
     clock = Clock()
     host = standalone(clock, label_enable=True)
-    host.engine.local(APP)
-    plain = host.engine.run("plain", APP)
-    host.engine.run("opted", APP, labels={"deployer.enable": "true"})
-    host.engine.publish(APP)
+    host.local(APP)
+    plain = host.run("plain", APP)
+    host.run("opted", APP, labels={"deployer.enable": "true"})
+    host.publish(APP)
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
-    assert ("stop", plain) not in host.engine.calls
+    assert not host.stopped(plain)
     assert [o.name for o in host.outcomes] == ["opted"]
 
 
@@ -320,13 +318,13 @@ def test_a_mode_without_its_replacer_is_refused_and_nothing_is_taken_down(
         ReplaceMode.STOP: StopReplacer(clock, None, None, rules),
         ReplaceMode.RECREATE: RefusingReplacer(ReplaceMode.RECREATE, "is not available here"),
     })
-    old = host.engine.local(APP)
-    host.engine.run("web", APP, labels=labels)
-    host.engine.publish(APP)
+    old = host.local(APP)
+    host.run("web", APP, labels=labels)
+    host.publish(APP)
 
     host.deploy(APP)
 
-    assert host.idle and host.engine.count("stop") == 0
+    assert host.idle and host.stops == 0
     assert running_on(host, "web") == (old, None)
     [outcome] = host.outcomes
     assert outcome.result is Result.ERROR and "is not available here" in outcome.detail
@@ -341,10 +339,10 @@ def test_a_mode_without_its_replacer_is_refused_and_nothing_is_taken_down(
 def test_the_containers_of_one_app_go_one_at_a_time() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP, GOOD)
+    host.local(APP, GOOD)
     for n in (1, 2, 3):
-        host.engine.run(f"web-{n}", APP)
-    new = host.engine.publish(APP, GOOD)
+        host.run(f"web-{n}", APP)
+    new = host.publish(APP, GOOD)
     clock.advance(1.0)  # all three healthy
     down: list[int] = []
 
@@ -364,16 +362,16 @@ def test_the_containers_of_one_app_go_one_at_a_time() -> None:
 def test_max_unavailable_zero_replaces_them_all_at_once() -> None:
     clock = Clock()
     host = standalone(clock, max_unavailable=0)
-    host.engine.local(APP, GOOD)
+    host.local(APP, GOOD)
     for n in (1, 2, 3):
-        host.engine.run(f"web-{n}", APP)
-    host.engine.local(OTHER)
-    host.engine.run("other", OTHER)
-    host.engine.publish(APP, GOOD)
-    host.engine.publish(OTHER)
+        host.run(f"web-{n}", APP)
+    host.local(OTHER)
+    host.run("other", OTHER)
+    host.publish(APP, GOOD)
+    host.publish(OTHER)
     host.deploy(APP)
     host.deploy(OTHER)
-    assert host.engine.count("stop") == 4  # no waiting at all
+    assert host.stops == 4  # no waiting at all
     took = run_until(clock, lambda: host.idle)
     assert took == pytest.approx(1.5)
 
@@ -381,15 +379,15 @@ def test_max_unavailable_zero_replaces_them_all_at_once() -> None:
 def test_different_apps_do_not_wait_for_each_other() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    host.engine.local(OTHER, GOOD)
-    host.engine.run("other", OTHER)
-    host.engine.publish(APP, GOOD)
-    host.engine.publish(OTHER, GOOD)
+    host.local(APP, GOOD)
+    host.run("web", APP)
+    host.local(OTHER, GOOD)
+    host.run("other", OTHER)
+    host.publish(APP, GOOD)
+    host.publish(OTHER, GOOD)
     host.deploy(APP)
     host.deploy(OTHER)
-    assert host.engine.count("stop") == 2
+    assert host.stops == 2
     assert set(holding(host)) == {APP, OTHER}
 
 
@@ -399,9 +397,9 @@ def test_different_apps_do_not_wait_for_each_other() -> None:
 def test_the_host_publishes_what_it_runs_after_each_round() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
-    new = host.engine.publish(APP, GOOD)
+    host.local(APP, GOOD)
+    host.run("web", APP)
+    new = host.publish(APP, GOOD)
     host.deploy(APP)
     doc = fired(host.rollouts.status.document())
     [state] = doc["hosts"]["h1"]["apps"].values()  # published after the round's lists
@@ -446,11 +444,11 @@ def test_reading_the_pause_is_retried_while_etcd_does_not_answer(
     parts = wiring.standalone(clock, hostname="h1")
     host = SimHost(clock, "h1", wiring.Rollouts(parts.slots, FlakyPauses(parts.pauses, 3),
                                                 parts.publish, parts.status))
-    host.engine.local(APP)
-    host.engine.run("web", APP)
-    new = host.engine.publish(APP)
+    host.local(APP)
+    host.run("web", APP)
+    new = host.publish(APP)
     host.deploy(APP)
-    assert host.engine.count("stop") == 0  # nothing is taken down before the pause is known
+    assert host.stops == 0  # nothing is taken down before the pause is known
     run_until(clock, lambda: host.idle)
     assert [o.result for o in host.outcomes] == [Result.REPLACED]
     assert running_on(host, "web") == (new, None)
@@ -460,10 +458,10 @@ def test_reading_the_pause_is_retried_while_etcd_does_not_answer(
 def test_a_tag_that_cannot_name_an_app_is_left_alone() -> None:
     clock = Clock()
     host = standalone(clock)
-    host.engine.local(APP)
-    host.engine.run("web", APP)
-    container = fired(Deferred.fromCoroutine(host.engine.containers()))[0]
+    host.local(APP)
+    host.run("web", APP)
+    container = fired(Deferred.fromCoroutine(host.client.containers()))[0]
     outcome = fired(Deferred.fromCoroutine(
         host.rollout.replace(container, "Not A/Name:qa", "sha256:" + "9" * 64)))
     assert outcome.result is Result.ERROR
-    assert host.engine.count("stop") == 0
+    assert host.stops == 0

@@ -1,6 +1,7 @@
-"""The rollout of a fleet, fast: three hosts (the fake engine of :mod:`tests.rollout_fakes`),
-each with its own fleet rollout parts (lease, slots, pauses, status) on one in-memory etcd, all
-on one Clock. The invariants are checked at every step of the clock."""
+"""The rollout of a fleet, fast: three hosts (each on its own in-memory engine, see
+:class:`tests.rollout_fakes.SimHost`), each with its own fleet rollout parts (lease, slots,
+pauses, status) on one in-memory etcd, all on one Clock. The invariants are checked at every
+step of the clock."""
 
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ from deployer.rollout.testing import Link
 from deployer.rounds import Result
 from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
-from tests.rollout_fakes import Build, SimHost, run_until
+from tests.rollout_fakes import BAD, GOOD, Build, SimHost, health, health_check, run_until
 
 APP = "registry.test:5000/myorg/app:qa"
 PREFIX = "/d"
-GOOD = Build(health=True)
-BAD = Build(health=False)
 V2 = "sha256:" + "2" * 64
 V3 = "sha256:" + "3" * 64
 
@@ -41,14 +40,14 @@ class Fleet:
             self.hosts.append(SimHost(clock, f"h{n}", parts))
         self.old = ""
         for host in self.hosts:
-            self.old = host.engine.local(APP, GOOD, image_id="sha256:" + "1" * 64)
-            host.engine.run("web", APP)
+            self.old = host.local(APP, GOOD, image_id="sha256:" + "1" * 64)
+            host.run("web", APP)
         clock.advance(1.0)  # every instance healthy
         self.down_max = 0
 
     def healthy(self, host: SimHost) -> bool:
-        web = host.engine.named("web")
-        return web is not None and web.running and web.health == "healthy"
+        web = host.named("web")
+        return web is not None and web.running and health(web) == "healthy"
 
     def check(self) -> None:
         down = sum(1 for host in self.hosts if not self.healthy(host))
@@ -56,7 +55,7 @@ class Fleet:
 
     def publish(self, image_id: str, build: Build) -> None:
         for host in self.hosts:
-            host.engine.publish(APP, build, image_id=image_id)
+            host.publish(APP, build, image_id=image_id)
 
     def deploy(self) -> None:
         for host in self.hosts:  # what each host's etcd watch does, in this order
@@ -79,12 +78,12 @@ def test_a_push_rolls_through_the_fleet_one_host_at_a_time_in_the_order_they_ask
     fleet.publish(V2, GOOD)
 
     fleet.deploy()
-    assert all(h.engine.count("pull") == 1 for h in fleet.hosts)  # every host pulls at once
+    assert all(h.pulls == 1 for h in fleet.hosts)  # every host pulls at once
     fleet.check()
     fleet.settle()
 
     assert fleet.down_max == 1
-    assert all(h.engine.named("web").image_id == V2 for h in fleet.hosts)  # type: ignore[union-attr]
+    assert all(h.named("web").image_id == V2 for h in fleet.hosts)  # type: ignore[union-attr]
     stops = sorted((h.outcomes[0].waited, h.name) for h in fleet.hosts)
     assert [name for _, name in stops] == ["h1", "h2", "h3"]
     assert stops[0][0] < 0.5 < stops[1][0] < stops[2][0]
@@ -102,7 +101,7 @@ def test_max_unavailable_zero_takes_every_host_down_at_once() -> None:
     fleet = Fleet(clock, max_unavailable=0)
     fleet.publish(V2, GOOD)
     fleet.deploy()
-    assert all(h.engine.count("stop") == 1 for h in fleet.hosts)
+    assert all(h.stops == 1 for h in fleet.hosts)
     fleet.settle()
     assert fleet.down_max == 3
 
@@ -119,10 +118,10 @@ def test_a_bad_build_stops_at_the_first_host_and_the_next_push_resumes(
 
     first, *others = fleet.hosts
     assert [o.result for o in first.outcomes] == [Result.ROLLED_BACK]
-    assert first.engine.named("web").image_id == fleet.old  # type: ignore[union-attr]
+    assert first.named("web").image_id == fleet.old  # type: ignore[union-attr]
     for host in others:
-        assert host.engine.count("stop") == 0  # never stopped
-        assert host.engine.image_of(APP) == fleet.old  # the tag went back
+        assert host.stops == 0  # never stopped
+        assert host.image_of(APP) == fleet.old  # the tag went back
         assert [o.result for o in host.outcomes] == [Result.PAUSED]
     assert fleet.down_max == 1
     pause = fleet.etcd.value(f"{PREFIX}/_/paused/{APP}")
@@ -138,7 +137,7 @@ def test_a_bad_build_stops_at_the_first_host_and_the_next_push_resumes(
     fleet.settle()
 
     assert fleet.etcd.value(f"{PREFIX}/_/paused/{APP}") is None
-    assert all(h.engine.named("web").image_id == V3 for h in fleet.hosts)  # type: ignore[union-attr]
+    assert all(h.named("web").image_id == V3 for h in fleet.hosts)  # type: ignore[union-attr]
     assert all(h.outcomes[-1].result is Result.REPLACED for h in fleet.hosts)
     assert fleet.down_max == 1
 
@@ -148,20 +147,19 @@ def test_a_host_that_loses_its_lease_finishes_its_replacement_and_says_so(
 ) -> None:
     clock = Clock()
     fleet = Fleet(clock, size=2)
-    for host in fleet.hosts:
-        host.engine.check_delay = 20.0  # slow to be healthy: time to lose the lease
-    fleet.publish(V2, GOOD)
+    slow = Build(health_check(every=20.0))  # slow to be healthy: time to lose the lease
+    fleet.publish(V2, slow)
     first, second = fleet.hosts
     first.deploy(APP)
     clock.advance(0.1)
-    assert first.engine.count("stop") == 1
+    assert first.stops == 1
     fleet.links[0].cut = True  # etcd out of reach: no keepalive, the lease expires
 
     run_until(clock, lambda: first.idle, limit=60)
 
     [outcome] = first.outcomes
     assert outcome.result is Result.REPLACED
-    assert first.engine.named("web").image_id == V2  # type: ignore[union-attr]
+    assert first.named("web").image_id == V2  # type: ignore[union-attr]
     assert "lease of the rollout slot for web was lost" in "\n".join(
         formatEvent(e) for e in logs)
     # The slot went with the lease: another host may take its turn meanwhile.

@@ -2,10 +2,11 @@
 ``MemoryReactorClock``, with no network.
 
 Every connection the daemon opens on the memory reactor is served in memory
-(:class:`Network`): the engine's unix socket by :class:`MemoryDocker`, etcd's members by an
-in-memory gateway, the notification URLs by a recorder; requests to the daemon go to the
-factory it listens with. Each test fails when one part of the wiring is left out: the round
-counter, the deploy report, the re-pull timer, the etcd watch, the listening port, the closers.
+(:class:`Network`): the engine's unix socket by :class:`MemoryDocker` (its ``/events`` stream
+too; ``web`` runs under its supervisor), etcd's members by an in-memory gateway, the
+notification URLs by a recorder; requests to the daemon go to the factory it listens with. Each
+test fails when one part of the wiring is left out: the round counter, the deploy report, the
+re-pull timer, the etcd watch, the listening port, the closers.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 
 from deployer.config import Config
 from deployer.service import DeployerService
 from deployer.site import connection_limit
 from deployer.testing.fake_etcd import FakeEtcd
-from deployer.testing.memory_docker import MemoryDocker
+from deployer.testing.memory_docker import MemoryDocker, MemorySupervisor
 from tests.helpers import fired
 
 TOKEN = "tok-service"
@@ -40,74 +41,6 @@ ENGINE = "/run/engine.sock"
 FOO = "registry.test:5000/myorg/foo:qa"
 ETCD = ("127.0.0.1", 2379)
 RECORDER = ("127.0.0.1", 9000)
-
-
-class EngineExtras(Resource):
-    """The in-memory engine with what it does not serve yet: ``GET /events`` (a stream that
-    stays open), ``POST /containers/{id}/start`` and ``POST /images/{name}/tag``. A stop tells
-    the stream that the container died and, while :attr:`supervised`, a supervisor runs it
-    again at once on what its tag points at (as ``Restart=always`` does)."""
-
-    isLeaf = True
-
-    def __init__(self, mem: MemoryDocker) -> None:
-        super().__init__()
-        self.mem = mem
-        self.inner = mem.resource()
-        self.streams: list[Any] = []
-        self.supervised = True
-        self.stopped: list[str] = []
-        mem.on_stop(self._stopped)
-
-    def emit(self, action: str, container: Any) -> None:
-        line = json.dumps({
-            "Type": "container", "Action": action, "status": action, "id": container.id,
-            "Actor": {"ID": container.id,
-                      "Attributes": {"name": container.name, "image": container.image_ref}},
-            "time": int(container.created), "timeNano": int(container.created * 1e9),
-        }).encode() + b"\n"
-        for request in list(self.streams):
-            request.write(line)
-
-    def _stopped(self, container: Any) -> None:
-        self.stopped.append(container.name)
-        self.emit("die", container)
-        if self.supervised:
-            new = self.mem.restart_like_supervisor(container)
-            self.emit("start", self.mem.containers[new])
-
-    def render(self, request: Any) -> Any:
-        path = request.path.decode()
-        method = request.method.decode()
-        tail = path.split("/", 2)[2] if path.startswith("/v1.") else path.lstrip("/")
-        if method == "GET" and tail == "events":
-            request.setHeader(b"Content-Type", b"application/json")
-            request.write(b"")
-            self.streams.append(request)
-            request.notifyFinish().addBoth(lambda _: self.streams.remove(request))
-            return NOT_DONE_YET
-        parts = tail.split("/")
-        if method == "POST" and parts[0] == "containers" and parts[-1] == "start":
-            container = self.mem.find_container(parts[1])
-            if container is None:
-                request.setResponseCode(404)
-                return b'{"message": "No such container"}'
-            self.mem.start_container(container.id)
-            self.emit("start", container)
-            request.setResponseCode(204)
-            return b""
-        if method == "POST" and parts[0] == "images" and parts[-1] == "tag":
-            name = "/".join(parts[1:-1])
-            repo = request.args[b"repo"][0].decode()
-            tag = request.args[b"tag"][0].decode()
-            image = self.mem.image_id(name)
-            if image is None:
-                request.setResponseCode(404)
-                return b'{"message": "No such image"}'
-            self.mem.add_image([f"{repo}:{tag}"], image_id=image)
-            request.setResponseCode(201)
-            return b""
-        return self.inner.render(request)
 
 
 def etcd_gateway(clock: IReactorTime) -> IResource:
@@ -216,7 +149,10 @@ class Daemon:
     net: Network
     mem: MemoryDocker
     recorder: Recorder
-    engine: EngineExtras
+    #: What runs ``web`` again whenever it stops (``Restart=always``), on what ``FOO`` is then.
+    supervisor: MemorySupervisor
+    #: The names of the containers stopped through the API, in order.
+    stopped: list[str]
 
     def request(self, method: str, path: str, body: bytes = b"",
                 token: str = TOKEN) -> tuple[int, Any]:
@@ -290,10 +226,11 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         net = Network(reactor)
         mem = MemoryDocker(clock=reactor)
         mem.add_image([FOO])
-        mem.run("web", FOO)
+        supervisor = mem.supervise("web", FOO)
         mem.publish(FOO)
-        engine = EngineExtras(mem)
-        net.serve_unix(ENGINE, engine)
+        stopped: list[str] = []
+        mem.on_stop(lambda container: stopped.append(container.name))
+        net.serve_unix(ENGINE, mem.resource())
         recorder = Recorder()
         net.serve_tcp(RECORDER, recorder)
         if serve_etcd:
@@ -305,7 +242,7 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         service = DeployerService.from_config(config, reactor, max_connections=max_connections)
         service.startService()
         net.flush()
-        daemon = Daemon(service, reactor, net, mem, recorder, engine)
+        daemon = Daemon(service, reactor, net, mem, recorder, supervisor, stopped)
         started.append(daemon)
         return daemon
 
@@ -316,7 +253,7 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def stopped(daemon: Daemon) -> list[str]:
-    return list(daemon.engine.stopped)
+    return list(daemon.stopped)
 
 
 # -- the round's observers -------------------------------------------------------------------------
@@ -563,7 +500,7 @@ def test_without_a_supervisor_the_container_is_started_again_the_app_paused_and_
     etcd = {"etcd_nodes": (f"http://{ETCD[0]}:{ETCD[1]}",)} if fleet else {}
     daemon = start(ready_timeout=10.0, notify_url=f"http://{RECORDER[0]}:{RECORDER[1]}/hook",
                    slack_webhook_url=f"http://{RECORDER[0]}:{RECORDER[1]}/slack", **etcd)
-    daemon.engine.supervised = False
+    daemon.supervisor.stop()  # nothing runs web again
     web = daemon.mem.find_container("web")
     assert web is not None
     old = web.image_id

@@ -103,10 +103,11 @@ class Lifecycle:
 
     def _probe_at(self, container: ContainerState, at: float) -> None:
         """The next probe at ``at`` (its interval counts from the last one's time, also when a
-        test's Clock leaps over several)."""
+        test's Clock leaps over several); at once when ``at`` has passed already (a reactor
+        that ran late: a real one refuses a negative delay)."""
         clock = self._engine.clock
         assert clock is not None, "checked at start"
-        self._later(container, at - clock.seconds(),
+        self._later(container, max(0.0, at - clock.seconds()),
                     lambda c: self._probe(c, at), container)
 
     def _probe(self, container: ContainerState, now: float) -> None:
