@@ -167,8 +167,12 @@ def _run(base: Path, iterations: int, restart_delay: float) -> Section:
         supervisor = Supervisor(host, name, ref, delay=restart_delay).start()
         supervisor.wait_running_image_blocking(first.image_id)
         events = ContainerEvents(host, name).start()
+        # The image has no HEALTHCHECK: with --min_ready 0 the daemon's replacement is ready
+        # once the new container runs, so its readiness wait is over before the next mode
+        # replaces the container by hand (a wait still under way would count that as the new
+        # build exiting, and roll it back).
         daemon = Daemon(base, ["--docker", host.url, "--repull_period", "0",
-                               "--kill_timeout", "10"], token=TOKEN).start()
+                               "--kill_timeout", "10", "--min_ready", "0s"], token=TOKEN).start()
         client = KeepAlive(daemon.port)
         engine = _UnixHTTPConnection(host.socket, timeout=60)
         body = json.dumps(dockerhub_payload(f"{registry.host}/{repo}", "qa")).encode()

@@ -50,9 +50,10 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from deployer.redact import REDACTED, masked_query
+
 LEVEL_ENV = "DEPLOYER_LOG_LEVEL"
 FORMAT_ENV = "DEPLOYER_LOG_FORMAT"
-REDACTED = "***"
 
 # A field, flag or environment variable with such a name holds a secret.
 SECRET_NAME = re.compile(
@@ -91,17 +92,6 @@ def mask_urls(text: str) -> str:
 
 def _mask_query(match: re.Match[str]) -> str:
     return match.group("base") + "?" + masked_query(match.group("query"))
-
-
-def masked_query(query: str) -> str:
-    """A query string for logs: every value masked (``token=***``), and a part without a
-    value too (``***``: ``?SECRET`` may be the secret itself). Masking twice changes nothing."""
-    parts = []
-    for part in query.split("&"):
-        if part:
-            key, equals, _ = part.partition("=")
-            parts.append(key + "=" + REDACTED if equals else REDACTED)
-    return "&".join(parts)
 
 
 def is_secret_name(name: str) -> bool:

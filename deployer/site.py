@@ -30,9 +30,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from deployer.logs import masked_query
 from deployer.metrics import Metrics
 from deployer.notify import redact_url
+from deployer.redact import masked_query
 
 log = Logger()
 

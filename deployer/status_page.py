@@ -18,13 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 from base64 import b64encode
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.python.failure import Failure
 from twisted.web.template import Tag, flattenString, tags
-from werkzeug.datastructures import MIMEAccept
-from werkzeug.http import parse_accept_header
 
 from deployer.status_view import (
     app_state,
@@ -281,13 +279,6 @@ _HEAD = (
     f"<title>deployer status</title><style>{STYLE}</style></head>"
 ).encode()
 _TAIL = f"<script>{SCRIPT}</script></body></html>\n".encode()
-
-
-def prefers_html(accept: Iterable[bytes]) -> bool:
-    """Whether ``Accept`` header values prefer ``text/html`` to ``application/json``: a
-    browser. A tie (``*/*``), no ``Accept``, or neither accepted: JSON."""
-    parsed = parse_accept_header(", ".join(v.decode("latin-1") for v in accept), MIMEAccept)
-    return parsed.quality("text/html") > parsed.quality("application/json")
 
 
 def _plural(n: int, word: str) -> str:

@@ -31,7 +31,7 @@ in histories and logs.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -43,7 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.datastructures import MIMEAccept
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.http import parse_accept_header
 from werkzeug.routing import RequestRedirect
 
 from deployer.auth import peer, verify_github_signature
@@ -66,8 +68,6 @@ from deployer.model import Update
 from deployer.reference import InvalidReference
 from deployer.rollout.keys import app_name
 from deployer.site import MAX_BODY
-from deployer.status_page import HEADERS as PAGE_HEADERS
-from deployer.status_page import prefers_html, render_page
 from deployer.timeouts import wait_at_most
 
 log = Logger()
@@ -352,8 +352,12 @@ class WebhookApp:
         request.setHeader(b"Vary", b"Accept")
         if not prefers_html(request.requestHeaders.getRawHeaders(b"accept") or []):
             return json_body(request, 200, document)
+        # The page's template machinery (twisted.web.template, xml.sax) is loaded the first
+        # time a browser asks, not by every daemon at start.
+        from deployer.status_page import HEADERS, render_page
+
         page = render_page(document)
-        for name, value in PAGE_HEADERS.items():
+        for name, value in HEADERS.items():
             request.setHeader(name, value)
         return page
 
@@ -466,6 +470,13 @@ class _Shared:
         else:
             self._deliver(waiter)
         return waiter
+
+
+def prefers_html(accept: Iterable[bytes]) -> bool:
+    """Whether ``Accept`` header values prefer ``text/html`` to ``application/json``: a
+    browser. A tie (``*/*``), no ``Accept``, or neither accepted: JSON."""
+    parsed = parse_accept_header(", ".join(v.decode("latin-1") for v in accept), MIMEAccept)
+    return parsed.quality("text/html") > parsed.quality("application/json")
 
 
 def _accepted(updates: Sequence[Update]) -> dict[str, Any]:

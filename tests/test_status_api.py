@@ -31,15 +31,10 @@ from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.status import AppState, HostState
 from deployer.rollout.testing import Link
-from deployer.status_page import (
-    CONTENT_SECURITY_POLICY,
-    REFRESH_SECONDS,
-    prefers_html,
-    render_page,
-)
+from deployer.status_page import CONTENT_SECURITY_POLICY, REFRESH_SECONDS, render_page
 from deployer.status_view import render_table
 from deployer.testing.fake_etcd import FakeEtcd
-from deployer.webhook import WebhookApp
+from deployer.webhook import WebhookApp, prefers_html
 from tests.helpers import fired
 from tests.test_webhook import TOKEN, Answer, Front, authorization
 
