@@ -38,6 +38,11 @@ FAST_RULES = ReadyRules(min_ready=1.0, ready_timeout=30.0)
 HEALTH = {"Test": ["CMD-SHELL", "test -f /tmp/healthy"], "Interval": 1_000_000_000}
 
 
+def manifest_digest(image_id: str) -> str:
+    """The manifest digest the fake registry gives the build ``image_id``."""
+    return "sha256:" + hashlib.sha256(image_id.encode()).hexdigest()
+
+
 @attrs.define(eq=False)
 class _Subscription:
     events: FakeEvents
@@ -124,6 +129,8 @@ class FakeEngine:
         self.container_store: dict[str, FakeContainer] = {}
         #: What the registry holds: familiar repo:tag -> (image id, build).
         self.registry: dict[str, tuple[str, Build]] = {}
+        #: Every build the registry was given: manifest digest -> (image id, build).
+        self.manifests: dict[str, tuple[str, Build]] = {}
         self.calls: list[tuple[str, str]] = []
         self._ids = itertools.count(1)
 
@@ -136,6 +143,7 @@ class FakeEngine:
         """The registry holds a new build of ``repotag``; its image id."""
         image_id = image_id or self._new_id()
         self.registry[familiar(repotag)] = (image_id, build or Build())
+        self.manifests[manifest_digest(image_id)] = (image_id, build or Build())
         return image_id
 
     def local(self, repotag: str, build: Build | None = None, image_id: str | None = None) -> str:
@@ -164,7 +172,7 @@ class FakeEngine:
             return self.image_store[ref]
         wanted = familiar(ref)
         for image in self.image_store.values():
-            if wanted in image.tags:
+            if wanted in image.tags or wanted in image.digests:
                 return image
         return None
 
@@ -227,15 +235,17 @@ class FakeEngine:
     async def pull(self, repotag: str) -> None:
         self.calls.append(("pull", repotag))
         key = familiar(repotag)
-        if key not in self.registry:
+        name, _, by_digest = split(key)
+        found = self.manifests.get(by_digest) if by_digest else self.registry.get(key)
+        if found is None:
             raise PullFailed(f"pull {repotag}: manifest unknown", 404)
-        image_id, build = self.registry[key]
+        image_id, build = found
         image = self.image_store.setdefault(image_id, FakeImage(image_id, build))
-        name, _, _ = split(key)
-        digest = f"{name}@sha256:{hashlib.sha256(image_id.encode()).hexdigest()}"
+        digest = f"{name}@{manifest_digest(image_id)}"
         if digest not in image.digests:
             image.digests.append(digest)
-        self._tag(image, key)
+        if not by_digest:  # a pull by digest tags nothing
+            self._tag(image, key)
 
     async def stop(self, container_id: str, timeout: int) -> None:
         self.calls.append(("stop", container_id))
