@@ -12,12 +12,17 @@ update of the tag decides:
    transaction on the key's revision). When another host recorded a build for this update
    first, pull that one by digest and tag it.
 
+The periodic re-pull (source ``repull``) is this host's alone: no other host handles it, so
+nothing is read or recorded for it, and it pulls by tag. In a round that serves it together with
+updates from elsewhere, the newest of those decides.
+
 Reads and writes of the record are retried with a capped backoff while etcd does not answer (the
 round waits, as it waits for a rollout slot).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
@@ -34,6 +39,9 @@ from deployer.rollout.keys import app_name
 from deployer.rollout_round import retrying
 
 log = Logger()
+
+#: The sources of updates that only this host handles (see the module docstring).
+LOCAL_SOURCES = frozenset({"repull"})
 
 
 class FetchEngine(Protocol):
@@ -58,11 +66,12 @@ class Fetcher:
         self.hostname = hostname
         self.retry = retry or backoff(0.5, 10.0, floor=0.1)
 
-    async def fetch(self, tag: str, update: Update | None) -> Image | None:
-        """Pull ``tag`` (as the engine lists it) for ``update``, the round's newest update of
-        it; the image the tag now points at when it was inspected on the way (None: the
-        caller inspects the tag)."""
+    async def fetch(self, tag: str, updates: Iterable[Update]) -> Image | None:
+        """Pull ``tag`` (as the engine lists it) for the round's ``updates`` of it; the image
+        the tag now points at when it was inspected on the way (None: the caller inspects the
+        tag)."""
         builds = self.builds
+        update = newest_shared(updates)
         if builds is None or update is None:
             await self.engine.pull(tag)
             return None
@@ -107,3 +116,13 @@ class Fetcher:
         )
         await self.engine.pull(ref)
         await self.engine.tag(ref, name, tag_name or "latest")
+
+
+def newest_shared(updates: Iterable[Update]) -> Update | None:
+    """The update with the latest time among those that other hosts handle too, if any."""
+    best: Update | None = None
+    for update in updates:
+        if update.source not in LOCAL_SOURCES and (best is None
+                                                   or update.received > best.received):
+            best = update
+    return best

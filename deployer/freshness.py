@@ -151,15 +151,6 @@ class Judged:
     older: tuple[tuple[Update, Known], ...]
 
     @property
-    def newest(self) -> Update | None:
-        """The fresh update with the latest time (the first one on a tie), if any."""
-        best: Update | None = None
-        for update in self.fresh:
-            if best is None or update.received > best.received:
-                best = update
-        return best
-
-    @property
     def wanted(self) -> Update | None:
         """The newest fresh update that carries a digest: the build the tag should run."""
         best: Update | None = None

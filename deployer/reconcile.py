@@ -379,7 +379,7 @@ class Reconciler:
                         pulled: list[Image | None]) -> float:
         state.waiting.discard(familiar(tag))
         started = self.reactor.seconds()
-        pulled.append(await self.fetcher.fetch(tag, judged.newest))
+        pulled.append(await self.fetcher.fetch(tag, judged.fresh))
         return max(0.0, self.reactor.seconds() - started)
 
     async def _replace_stale(

@@ -183,6 +183,23 @@ def test_a_record_from_another_source_is_not_ordered_by_its_time() -> None:
         "registry", "h2", manifest_digest(V3))
 
 
+def test_the_periodic_repull_is_this_hosts_alone_and_records_nothing() -> None:
+    clock = Clock()
+    fleet = Fleet(clock)
+    first, _ = fleet.hosts
+    first.engine.publish(APP, GOOD, image_id=V2)
+    first.reconciler.request(Update("*", source="repull", received=clock.seconds()))
+    fleet.settle()
+    assert fleet.running(first) == V2
+    assert fleet.etcd.value(f"{PREFIX}/_/builds/{APP}") is None
+    # Served together with an update from elsewhere, that update decides (and is recorded).
+    first.engine.publish(APP, GOOD, image_id=V3)
+    first.reconciler.request(update(100.0))
+    first.reconciler.request(Update("*", source="repull", received=clock.seconds()))
+    fleet.settle()
+    assert fleet.record()["time"] == 100.0
+
+
 def test_standalone_hosts_record_nothing() -> None:
     clock = Clock()
     host = SimHost(clock, "h1", wiring.standalone(clock, hostname="h1"))
