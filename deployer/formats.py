@@ -18,11 +18,12 @@ envelope that is not ``{"events": [...]}`` at all is refused with 400.
 Names, tags and digests go through Docker's reference grammar (:mod:`deployer.reference`), and
 anything with whitespace, control or non-ASCII characters is refused before that.
 
-An update's time (``received``) is the sender's own time of the event where it gives one (a
-Distribution event's ``timestamp``, Docker Hub's ``push_data.pushed_at``, Harbor's
-``occur_at``), never later than the moment the webhook arrived; otherwise that moment. A
-registry that retries a notification sends it with its first time, so a late one is known to be
-older than a newer push (:mod:`deployer.freshness`).
+An update's time (``received``) is the moment the webhook arrived, except for a Distribution
+registry's event: its own ``timestamp`` (never later than the arrival). A registry that retries
+a notification sends it with its first time, so a late one is known to be older than a newer
+push (:mod:`deployer.freshness`). Docker Hub's ``pushed_at`` and Harbor's ``occur_at`` are whole
+seconds: two pushes within one second would look like one update to the fleet's build records
+(:mod:`deployer.rollout.builds`), so their arrival time is kept.
 """
 
 from __future__ import annotations
@@ -187,9 +188,8 @@ def parse_dockerhub(obj: object, received: float) -> DockerHubHook:
     name = _name("repository.repo_name", required_field(obj, "repository.repo_name"))
     tag = _tag("push_data.tag", string_field(obj, "push_data.tag"))
     callback_url = string_field(obj, "callback_url")
-    sent = sent_time(obj, "push_data.pushed_at", received)
     return DockerHubHook(
-        update=_update(name, "dockerhub", sent, tag=tag), callback_url=callback_url
+        update=_update(name, "dockerhub", received, tag=tag), callback_url=callback_url
     )
 
 
@@ -317,7 +317,6 @@ def parse_harbor(obj: object, received: float) -> list[Update]:
     None, digest set). Other event types are ignored."""
     if required_field(as_object(obj, ""), "type") not in HARBOR_PUSH_TYPES:
         return []
-    received = sent_time(obj, "occur_at", received)
     resources = get_field(obj, "event_data.resources")
     if not isinstance(resources, list):
         raise BadWebhook(

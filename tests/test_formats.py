@@ -225,9 +225,8 @@ def test_content_type_registry_events() -> None:
 def test_dockerhub_sample() -> None:
     hook = parse_dockerhub(sample("dockerhub-webhook.json"), NOW)
     assert hook == DockerHubHook(
-        update=Update(  # the time of the push (push_data.pushed_at)
-            repository="svendowideit/testhook", source="dockerhub", received=1417566161.0,
-            tag="latest"
+        update=Update(
+            repository="svendowideit/testhook", source="dockerhub", received=NOW, tag="latest"
         ),
         callback_url="https://registry.hub.docker.com/u/svendowideit/testhook/hook/"
         "2141b5bi5i5b02bec211i4eeih0242eg11000a/",
@@ -570,7 +569,7 @@ def test_harbor_push_artifact() -> None:
         tag="v1.0",
         digest=DIGEST,
         source="harbor",
-        received=1680501893.0,  # occur_at
+        received=NOW,
     )
 
 

@@ -268,6 +268,14 @@ def test_an_unreadable_record_is_replaced(logs: list[LogEvent]) -> None:
     assert any("unreadable build record" in formatEvent(e) for e in logs)
 
 
+def test_a_record_stands_for_its_update_and_newer_ones_of_its_source() -> None:
+    mine = record("h1", V2, 100.0)  # event id e1
+    assert mine.covers("api", 100.0, "e1") and mine.covers("api", 100.0, None)
+    assert mine.covers("api", 99.0, "e0")
+    assert not mine.covers("api", 100.0, "e2")  # two events at the same time: two updates
+    assert not mine.covers("api", 101.0, "e1") and not mine.covers("registry", 50.0, "e1")
+
+
 @pytest.mark.parametrize("value", [
     [], {"app": APP}, {**record("h", V1, 1.0).to_json(), "time": "x"},
     {**record("h", V1, 1.0).to_json(), "event_id": 5},

@@ -14,11 +14,11 @@ etcd transaction on the key's revision (:meth:`EtcdBuilds.claim`): a host that f
 changed since it read it reads it again, and follows the record if it is for the same update or
 a newer one.
 
-Which update a record is for: its ``time`` and ``source`` (the update's own, see
+Which update a record is for: its ``time``, ``source`` and ``event_id`` (the update's own, see
 :mod:`deployer.freshness`); a record *stands for* an update when both come from the same source
-and the record's time is the update's or later. Updates of different sources are never ordered
-by their times (each source has its own clock): the host resolves the tag itself, and records
-that.
+and the record's time is later, or the same with no other event id. Updates of different
+sources are never ordered by their times (each source has its own clock): the host resolves the
+tag itself, and records that.
 """
 
 from __future__ import annotations
@@ -61,11 +61,16 @@ class BuildRecord:
 
     def stands_for(self, update: Update) -> bool:
         """Whether this record is for ``update`` or for a newer update of the same source."""
-        return self.covers(update.source, update.received)
+        return self.covers(update.source, update.received, update.event_id)
 
-    def covers(self, source: str, time: float) -> bool:
-        """Whether this record is for the update of ``time`` from ``source``, or a newer one."""
-        return self.source == source and self.time >= time
+    def covers(self, source: str, time: float, event_id: str | None = None) -> bool:
+        """Whether this record is for the update of ``time`` from ``source`` (whose id is
+        ``event_id``, when it has one), or for a newer one."""
+        if self.source != source:
+            return False
+        if self.time != time:
+            return self.time > time
+        return self.event_id is None or event_id is None or self.event_id == event_id
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,7 +171,8 @@ class EtcdBuilds:
                 revision = 0
                 continue
             current = self._read(existing[0])
-            if current.record is not None and current.record.covers(record.source, record.time):
+            if current.record is not None and current.record.covers(
+                    record.source, record.time, record.event_id):
                 return current.record
             revision = current.mod_revision
 
