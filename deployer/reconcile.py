@@ -320,11 +320,7 @@ class Reconciler:
         key = familiar(tag)
         self._handled.add(key)
         try:
-            judged = self.known.judge(key, [u for u in state.updates if matches(u.pattern, tag)])
-            self.skipped += len(judged.older)
-            if not judged.fresh:
-                return  # every update of the tag is older than a build known: nothing to do
-            new_image = await self._pull(state, tag, judged)
+            new_image = await self._pull(state, tag)
             if new_image:
                 await self._replace_stale(state, key, containers, new_image)
         except DockerUnavailable as e:
@@ -338,14 +334,14 @@ class Reconciler:
             if state.remaining:
                 self._kick()  # requests that waited for this tag need not wait for the round
 
-    async def _pull(self, state: Round, tag: str, judged: Judged) -> str:
-        """Pull ``tag`` (at most ``max_pulls`` at once on the host) for the ``judged`` updates
-        and return the image id it now points at; "" when the pull failed or the engine does
-        not have it."""
+    async def _pull(self, state: Round, tag: str) -> str:
+        """Pull ``tag`` (at most ``max_pulls`` at once on the host) and return the image id it
+        now points at; "" when the pull failed, the engine does not have it, or every update of
+        the tag is older than a build known (nothing is pulled then)."""
         key = familiar(tag)
-        pulled: list[Image | None] = []
+        pulled: list[tuple[Judged, Image | None]] = []
         try:
-            seconds = await self.semaphore.run(self._pull_one, state, tag, judged, pulled)
+            seconds = await self.semaphore.run(self._pull_one, state, tag, pulled)
         except DockerUnavailable:
             raise
         except DockerError as e:
@@ -355,10 +351,12 @@ class Reconciler:
             if isinstance(e, PullStalled):
                 state.stalled.append(key)
             return ""
+        judged, found = pulled[0]
+        if seconds is None:
+            return ""
         state.pull_seconds[key] = seconds
         try:
-            image = pulled[0] if pulled and pulled[0] is not None \
-                else await self.engine.inspect_image(tag)
+            image = found if found is not None else await self.engine.inspect_image(tag)
         except ImageNotFound:
             log.warn("{tag} was pulled but the engine does not have it", tag=tag)
             return ""
@@ -375,11 +373,19 @@ class Reconciler:
             self.rollout.apps.learn_image(image)
         return image.id
 
-    async def _pull_one(self, state: Round, tag: str, judged: Judged,
-                        pulled: list[Image | None]) -> float:
-        state.waiting.discard(familiar(tag))
+    async def _pull_one(self, state: Round, tag: str,
+                        pulled: list[tuple[Judged, Image | None]]) -> float | None:
+        """The pull's seconds; None when every update of the tag is older than a build known.
+        The updates are judged here, once no more can join the round for this tag."""
+        key = familiar(tag)
+        state.waiting.discard(key)
+        judged = self.known.judge(key, [u for u in state.updates if matches(u.pattern, tag)])
+        self.skipped += len(judged.older)
+        if not judged.fresh:
+            pulled.append((judged, None))
+            return None
         started = self.reactor.seconds()
-        pulled.append(await self.fetcher.fetch(tag, judged.fresh))
+        pulled.append((judged, await self.fetcher.fetch(tag, judged.fresh)))
         return max(0.0, self.reactor.seconds() - started)
 
     async def _replace_stale(

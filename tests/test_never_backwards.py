@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
@@ -140,6 +141,40 @@ def test_a_late_notification_during_the_rollout_of_the_newer_one_is_skipped(
     assert host.engine.count("pull") == 1
     assert host.reconciler.skipped == 1
     assert "skipping the update of" in text(logs)
+
+
+def test_updates_that_join_the_round_while_their_tag_waits_for_its_pull_are_judged(
+    logs: list[LogEvent],
+) -> None:
+    clock = Clock()
+    host, v1 = host_on_v1(clock)
+    first = "registry.test:5000/myorg/aaa:qa"  # pulled first, and held up
+    host.engine.local(first, GOOD)
+    host.engine.publish(first, GOOD)
+    v2 = host.engine.publish(APP, GOOD)
+    host.reconciler.semaphore = DeferredSemaphore(1)  # one pull at a time
+    gate: Deferred[None] = Deferred()
+    pull = host.engine.pull
+
+    async def held(repotag: str) -> None:
+        if repotag == first:
+            await gate
+        await pull(repotag)
+
+    host.engine.pull = held  # type: ignore[method-assign]
+    host.reconciler.request(Update("*", source="repull", received=clock.seconds()))
+    # While APP waits for its turn to pull, a late notification and the newer one join.
+    host.reconciler.request(update(manifest_digest(v1), 1000.0))
+    host.reconciler.request(update(manifest_digest(v2), 2000.0))
+    assert len(host.reconciler._rounds) == 1
+    gate.callback(None)
+    run_until(clock, lambda: host.idle)
+
+    web = host.engine.named("web")
+    assert web is not None and web.image_id == v2
+    assert host.reconciler.skipped == 1
+    assert f"skipping the update of {APP} to {manifest_digest(v1)}" in text(logs)
+    assert "not deploying" not in text(logs)
 
 
 def test_without_knowledge_a_late_notification_finds_the_registry_moved_on(
