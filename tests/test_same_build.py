@@ -45,9 +45,11 @@ class Fleet:
         self.clock = clock
         self.etcd = FakeEtcd(clock, progress_interval=None)
         self.hosts: list[SimHost] = []
+        self.links: list[Link] = []
         for n in range(1, size + 1):
-            parts = wiring.fleet(Link(self.etcd, clock).etcd, clock, prefix=PREFIX,
-                                 hostname=f"h{n}", ttl=5)
+            link = Link(self.etcd, clock)
+            self.links.append(link)
+            parts = wiring.fleet(link.etcd, clock, prefix=PREFIX, hostname=f"h{n}", ttl=5)
             assert parts.keeper is not None
             parts.keeper.startService()
             host = SimHost(clock, f"h{n}", parts)
@@ -198,6 +200,27 @@ def test_the_periodic_repull_is_this_hosts_alone_and_records_nothing() -> None:
     first.reconciler.request(Update("*", source="repull", received=clock.seconds()))
     fleet.settle()
     assert fleet.record()["time"] == 100.0
+
+
+def test_the_record_is_read_again_while_etcd_does_not_answer(logs: list[LogEvent]) -> None:
+    clock = Clock()
+    fleet = Fleet(clock)
+    first, second = fleet.hosts
+    for host in fleet.hosts:
+        host.engine.publish(APP, GOOD, image_id=V2)
+    first.reconciler.request(update(100.0))
+    fleet.settle()
+    for host in fleet.hosts:
+        host.engine.publish(APP, GOOD, image_id=V3)
+    fleet.links[1].cut = True
+    second.reconciler.request(update(100.0))
+    clock.advance(3.0)
+    assert second.engine.count("pull") == 0  # nothing pulled before it knows which build
+    fleet.links[1].cut = False
+    fleet.settle()
+    assert fleet.running(second) == V2
+    assert any("reading the build recorded for" in formatEvent(e) and "trying again"
+               in formatEvent(e) for e in logs)
 
 
 def test_standalone_hosts_record_nothing() -> None:
