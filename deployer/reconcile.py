@@ -28,8 +28,9 @@ lost, and no tag is ever pulled twice at the same time.
 
 Never backwards (:mod:`deployer.freshness`): an update that carries a digest and is older than
 the newest build this host knows of its tag (from the same source) is skipped, when it is
-requested and again when its round comes to the tag, with one log line that names the newer
-build; a tag whose updates are all older is not pulled. What is pulled for a tag is decided by
+requested and again when the pull of its tag starts (with the updates that joined the round
+meanwhile), with one log line that names the newer build; a tag whose updates are all older is
+not pulled. What is pulled for a tag is decided by
 :class:`~deployer.fetch.Fetcher`: by tag, or in a fleet the digest recorded for the rollout of
 the update (the same build on every host).
 
