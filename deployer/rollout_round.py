@@ -56,6 +56,24 @@ log = Logger()
 _T = TypeVar("_T")
 
 
+async def retrying(clock: IReactorTime, policy: RetryPolicy, what: str,
+                   call: Callable[[], Deferred[_T]]) -> _T:
+    """``call()`` until it succeeds, waiting ``policy``'s backoff between attempts (etcd
+    away); cancellation and :class:`~deployer.reference.InvalidReference` are not retried."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except (CancelledError, InvalidReference):
+            raise
+        except Exception as e:
+            delay = policy(attempt)
+            attempt += 1
+            log.warn("{what} failed: {error}; trying again in {delay:.1f}s", what=what,
+                     error=str(e) or type(e).__name__, delay=delay)
+            await deferLater(clock, delay)
+
+
 def _short(image_id: str) -> str:
     return image_id.removeprefix("sha256:")[:12]
 
@@ -246,19 +264,7 @@ class Rollout:
                                     lambda: self.rollouts.pauses.get(app))
 
     async def _retrying(self, what: str, call: Callable[[], Deferred[_T]]) -> _T:
-        """``call()`` until it succeeds, waiting the backoff between attempts (etcd away)."""
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except (CancelledError, InvalidReference):
-                raise
-            except Exception as e:
-                delay = self.retry(attempt)
-                attempt += 1
-                log.warn("{what} failed: {error}; trying again in {delay:.1f}s", what=what,
-                         error=str(e) or type(e).__name__, delay=delay)
-                await deferLater(self.clock, delay)
+        return await retrying(self.clock, self.retry, what, call)
 
     def _outcome(self, replacement: Replacement, result: Result, detail: str,
                  waited: float = 0.0, reason: str | None = None) -> Outcome:
