@@ -1,6 +1,6 @@
 """Never backwards, fast: an update older than the newest build a host knows of its tag is not
-deployed (:mod:`deployer.freshness`), on one standalone host with a Clock and the fake engine of
-:mod:`tests.rollout_fakes`."""
+deployed (:mod:`deployer.freshness`), on one standalone host with a Clock and the in-memory
+engine (:class:`tests.rollout_fakes.SimHost`)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from deployer.freshness import Known, TagHistory, judge
 from deployer.model import Update
 from deployer.reference import parse_reference
 from deployer.rollout import wiring
-from tests.rollout_fakes import Build, SimHost, manifest_digest, run_until
+from tests.rollout_fakes import GOOD, SimHost, manifest_digest, run_until
 
 APP = "registry.test:5000/myorg/app:qa"
-GOOD = Build(health=True)
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 
 
@@ -89,8 +88,8 @@ def test_judge_finds_older_updates_in_the_same_round() -> None:
 
 def host_on_v1(clock: Clock) -> tuple[SimHost, str]:
     host = SimHost(clock, "h1", wiring.standalone(clock, hostname="h1"))
-    old = host.engine.local(APP, GOOD)
-    host.engine.run("web", APP)
+    old = host.local(APP, GOOD)
+    host.run("web", APP)
     clock.advance(1.0)
     return host, old
 
@@ -107,18 +106,18 @@ def test_a_late_notification_for_the_previous_build_changes_nothing(
 ) -> None:
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     new = update(manifest_digest(v2), 2000.0, event_id="e2")
     deploy(host, clock, new)
-    web = host.engine.named("web")
+    web = host.named("web")
     assert web is not None and web.image_id == v2
-    pulls = host.engine.count("pull")
+    pulls = host.pulls
 
     late = update(manifest_digest(v1), 1000.0, event_id="e1-retried")
     deploy(host, clock, late)
 
-    assert host.engine.named("web") is web and web.running and web.image_id == v2
-    assert host.engine.count("pull") == pulls  # not even pulled
+    assert host.named("web") is web and web.running and web.image_id == v2
+    assert host.pulls == pulls  # not even pulled
     assert host.reconciler.skipped == 1
     [line] = [formatEvent(e) for e in logs if "skipping" in formatEvent(e)]
     assert APP in line and manifest_digest(v1) in line and manifest_digest(v2) in line
@@ -130,15 +129,15 @@ def test_a_late_notification_during_the_rollout_of_the_newer_one_is_skipped(
 ) -> None:
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     host.reconciler.request(update(manifest_digest(v2), 2000.0))
     assert host.reconciler.busy  # the replacement waits for its health check
     host.reconciler.request(update(manifest_digest(v1), 1000.0))  # the registry's retry
     run_until(clock, lambda: host.idle)
 
-    web = host.engine.named("web")
+    web = host.named("web")
     assert web is not None and web.image_id == v2
-    assert host.engine.count("pull") == 1
+    assert host.pulls == 1
     assert host.reconciler.skipped == 1
     assert "skipping the update of" in text(logs)
 
@@ -149,28 +148,23 @@ def test_updates_that_join_the_round_while_their_tag_waits_for_its_pull_are_judg
     clock = Clock()
     host, v1 = host_on_v1(clock)
     first = "registry.test:5000/myorg/aaa:qa"  # pulled first, and held up
-    host.engine.local(first, GOOD)
-    host.engine.publish(first, GOOD)
-    v2 = host.engine.publish(APP, GOOD)
+    host.local(first, GOOD)
+    host.publish(first, GOOD)
+    v2 = host.publish(APP, GOOD)
     host.reconciler.semaphore = DeferredSemaphore(1)  # one pull at a time
     gate: Deferred[None] = Deferred()
-    pull = host.engine.pull
+    host.mem.slow_pull(first, gate)  # the registry holds the pull of the first tag
 
-    async def held(repotag: str) -> None:
-        if repotag == first:
-            await gate
-        await pull(repotag)
-
-    host.engine.pull = held  # type: ignore[method-assign]
     host.reconciler.request(Update("*", source="repull", received=clock.seconds()))
     # While APP waits for its turn to pull, a late notification and the newer one join.
     host.reconciler.request(update(manifest_digest(v1), 1000.0))
     host.reconciler.request(update(manifest_digest(v2), 2000.0))
     assert len(host.reconciler._rounds) == 1
+    assert (host.pulls_of(first), host.pulls_of(APP)) == (1, 0)  # APP waits for its turn
     gate.callback(None)
     run_until(clock, lambda: host.idle)
 
-    web = host.engine.named("web")
+    web = host.named("web")
     assert web is not None and web.image_id == v2
     assert host.reconciler.skipped == 1
     assert f"skipping the update of {APP} to {manifest_digest(v1)}" in text(logs)
@@ -184,17 +178,17 @@ def test_without_knowledge_a_late_notification_finds_the_registry_moved_on(
     # registry's current build, which it runs already; the log says the late one is not it.
     clock = Clock()
     host = SimHost(clock, "h1", wiring.standalone(clock, hostname="h1"))
-    v1 = host.engine.publish(APP, GOOD)
-    v2 = host.engine.publish(APP, GOOD)
-    host.engine.local(APP, GOOD, image_id=v2)
-    host.engine.run("web", APP)
+    v1 = host.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
+    host.local(APP, GOOD, image_id=v2)
+    host.run("web", APP)
     clock.advance(1.0)
-    web = host.engine.named("web")
+    web = host.named("web")
 
     deploy(host, clock, update(manifest_digest(v1), 1000.0))
 
-    assert host.engine.named("web") is web and web is not None and web.image_id == v2
-    assert host.engine.count("stop") == 0
+    assert host.named("web") is web and web is not None and web.image_id == v2
+    assert host.stops == 0
     line = text(logs)
     assert f"not deploying {APP} at {manifest_digest(v1)}" in line
     assert f"now points at {manifest_digest(v2)}" in line
@@ -204,11 +198,11 @@ def test_a_newer_push_of_an_old_build_is_deployed() -> None:
     # A user rolls back by pushing the previous build again: a newer event, an old digest.
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     deploy(host, clock, update(manifest_digest(v2), 2000.0))
-    host.engine.publish(APP, GOOD, image_id=v1)
+    host.publish(APP, GOOD, image_id=v1)
     deploy(host, clock, update(manifest_digest(v1), 3000.0))
-    web = host.engine.named("web")
+    web = host.named("web")
     assert web is not None and web.image_id == v1
     assert host.reconciler.skipped == 0
 
@@ -216,13 +210,13 @@ def test_a_newer_push_of_an_old_build_is_deployed() -> None:
 def test_older_updates_without_a_digest_or_from_another_source_are_pulled_by_tag() -> None:
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     deploy(host, clock, update(manifest_digest(v2), 2000.0))
-    pulls = host.engine.count("pull")
+    pulls = host.pulls
     deploy(host, clock, update(None, 1000.0, source="registry"),
            update(manifest_digest(v1), 1000.0, source="api"))
-    assert host.engine.count("pull") > pulls  # asked for, pulled by tag: the current build
-    web = host.engine.named("web")
+    assert host.pulls > pulls  # asked for, pulled by tag: the current build
+    web = host.named("web")
     assert web is not None and web.image_id == v2  # never backwards
     assert host.reconciler.skipped == 0
 
@@ -233,7 +227,7 @@ def test_an_etcd_value_written_before_the_one_applied_is_skipped(
     # What a resync of the watch (or a second trigger key of the repository) delivers again.
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     layout = KeyLayout("/deployer")
     key = b"/deployer/" + APP.encode()
 
@@ -246,7 +240,7 @@ def test_an_etcd_value_written_before_the_one_applied_is_skipped(
     old = layout.decode(key, value(manifest_digest(v1), 1000.0), clock.seconds())
     assert new is not None and old is not None
     deploy(host, clock, new, old)
-    web = host.engine.named("web")
+    web = host.named("web")
     assert web is not None and web.image_id == v2
     assert host.reconciler.skipped == 1
 
@@ -255,10 +249,10 @@ def test_a_repository_update_older_than_a_tag_is_skipped_for_that_tag() -> None:
     # A repository-wide update with a digest (Harbor by digest) is judged tag by tag.
     clock = Clock()
     host, v1 = host_on_v1(clock)
-    v2 = host.engine.publish(APP, GOOD)
+    v2 = host.publish(APP, GOOD)
     deploy(host, clock, update(manifest_digest(v2), 2000.0, source="harbor"))
-    pulls = host.engine.count("pull")
+    pulls = host.pulls
     deploy(host, clock, update(manifest_digest(v1), 1000.0, source="harbor",
                                pattern="registry.test:5000/myorg/app"))
-    assert host.engine.count("pull") == pulls
+    assert host.pulls == pulls
     assert host.reconciler.skipped == 1
