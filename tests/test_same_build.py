@@ -1,5 +1,6 @@
-"""Same build everywhere, fast: hosts of a fleet (the fake engine of :mod:`tests.rollout_fakes`,
-each with its own fleet rollout parts on one in-memory etcd, all on one Clock) deploy the build
+"""Same build everywhere, fast: hosts of a fleet (:class:`tests.rollout_fakes.SimHost` on the
+in-memory engine, each with its own fleet rollout parts on one in-memory etcd, all on one Clock)
+deploy the build
 that the first of them resolved for an update, whatever was pushed since
 (:mod:`deployer.rollout.builds`, :mod:`deployer.fetch`)."""
 
@@ -22,11 +23,13 @@ from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.testing import Link
 from deployer.testing.fake_etcd import FakeEtcd
 from tests.helpers import fired
-from tests.rollout_fakes import Build, SimHost, manifest_digest, run_until
+from tests.rollout_fakes import Build, SimHost, health_check, manifest_digest, run_until
 
 APP = "registry.test:5000/myorg/app:qa"
+BY_DIGEST = "registry.test:5000/myorg/app@{}"
 PREFIX = "/d"
-GOOD = Build(health=True)
+GOOD = Build(health_check(every=3.0))
+"""Healthy three seconds after the start: slow to be healthy, a long rollout."""
 V1, V2, V3 = ("sha256:" + c * 64 for c in "123")
 
 
@@ -53,14 +56,13 @@ class Fleet:
             assert parts.keeper is not None
             parts.keeper.startService()
             host = SimHost(clock, f"h{n}", parts)
-            host.engine.check_delay = 3.0  # slow to be healthy: a long rollout
-            host.engine.local(APP, GOOD, image_id=V1)
-            host.engine.run("web", APP)
+            host.local(APP, GOOD, image_id=V1)
+            host.run("web", APP)
             self.hosts.append(host)
         clock.advance(5.0)
 
     def running(self, host: SimHost) -> str:
-        web = host.engine.named("web")
+        web = host.named("web")
         assert web is not None and web.running
         return web.image_id
 
@@ -81,25 +83,25 @@ def test_a_push_mid_rollout_leaves_every_host_on_the_build_of_the_update(
     fleet = Fleet(clock)
     first, second = fleet.hosts
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V2)
+        host.publish(APP, GOOD, image_id=V2)
     u1 = update(100.0)
     first.reconciler.request(u1)
     clock.advance(1.0)
-    assert first.engine.count("stop") == 1  # the first host is mid-rollout
+    assert first.stops == 1  # the first host is mid-rollout
     record = fleet.record()
     assert (record["digest"], record["image_id"], record["host"]) == (
         manifest_digest(V2), V2, "h1")
     assert (record["time"], record["source"]) == (100.0, "api")
 
     for host in fleet.hosts:  # a push lands
-        host.engine.publish(APP, GOOD, image_id=V3)
+        host.publish(APP, GOOD, image_id=V3)
     second.reconciler.request(u1)  # the second host comes to the update only now
     fleet.settle()
 
     assert [fleet.running(h) for h in fleet.hosts] == [V2, V2]  # one build for the update
-    assert second.engine.count("pull", f"registry.test:5000/myorg/app@{manifest_digest(V2)}") == 1
-    assert second.engine.count("pull", APP) == 0  # never pulled by tag
-    assert ("tag", APP) in second.engine.calls
+    assert second.pulls_of(BY_DIGEST.format(manifest_digest(V2))) == 1
+    assert second.pulls_of(APP) == 0  # never pulled by tag
+    assert second.tags_from(BY_DIGEST.format(manifest_digest(V2))) == 1  # tagged APP
     assert any("the build that h1 recorded" in formatEvent(e) for e in logs)
     doc = fired(first.rollouts.status.document())
     assert {h: s["digest"] for h, s in doc["apps"][APP]["hosts"].items()} == {
@@ -122,32 +124,32 @@ def test_hosts_that_resolve_at_once_follow_the_first_record() -> None:
     clock = Clock()
     fleet = Fleet(clock)
     first, second = fleet.hosts
-    first.engine.publish(APP, GOOD, image_id=V2)
-    second.engine.publish(APP, GOOD, image_id=V2)
-    second.engine.publish(APP, GOOD, image_id=V3)  # what the second host's pull will find
+    first.publish(APP, GOOD, image_id=V2)
+    second.publish(APP, GOOD, image_id=V2)
+    second.publish(APP, GOOD, image_id=V3)  # what the second host's pull will find
     # The second host reads the record (none yet) and pulls, but looks at what it pulled only
     # once the first host has recorded its build.
     gate: Deferred[None] = Deferred()
-    inspect = second.engine.inspect_image
+    inspect = second.client.inspect_image
 
     async def slow_inspect(name: str) -> Image:
         await gate
         return await inspect(name)
 
-    second.engine.inspect_image = slow_inspect  # type: ignore[method-assign]
+    second.client.inspect_image = slow_inspect  # type: ignore[method-assign]
     u1 = update(100.0)
     second.reconciler.request(u1)
     first.reconciler.request(u1)
     clock.advance(0.1)
     assert fleet.record()["host"] == "h1"
-    assert second.engine.count("pull", APP) == 1
+    assert second.pulls_of(APP) == 1
     gate.callback(None)  # the second host's write is refused: the record changed
     fleet.settle()
     assert [fleet.running(h) for h in fleet.hosts] == [V2, V2]
     assert fleet.record()["host"] == "h1"
     # The second host pulled by tag (and found the newer build), then the first one's.
-    assert second.engine.count("pull", APP) == 1
-    assert second.engine.count("pull", f"registry.test:5000/myorg/app@{manifest_digest(V2)}") == 1
+    assert second.pulls_of(APP) == 1
+    assert second.pulls_of(BY_DIGEST.format(manifest_digest(V2))) == 1
 
 
 def test_a_record_of_a_newer_update_is_followed_by_an_older_one() -> None:
@@ -155,11 +157,11 @@ def test_a_record_of_a_newer_update_is_followed_by_an_older_one() -> None:
     fleet = Fleet(clock)
     first, second = fleet.hosts
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V2)
+        host.publish(APP, GOOD, image_id=V2)
     first.reconciler.request(update(200.0))
     fleet.settle()
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V3)
+        host.publish(APP, GOOD, image_id=V3)
     second.reconciler.request(update(100.0))  # an older update, late
     fleet.settle()
     assert fleet.running(second) == V2  # the newest recorded build, not the registry's now
@@ -172,11 +174,11 @@ def test_a_record_from_another_source_is_not_ordered_by_its_time() -> None:
     fleet = Fleet(clock)
     first, second = fleet.hosts
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V2)
+        host.publish(APP, GOOD, image_id=V2)
     first.reconciler.request(update(200.0, source="api"))
     fleet.settle()
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V3)
+        host.publish(APP, GOOD, image_id=V3)
     second.reconciler.request(update(100.0, source="registry", digest=manifest_digest(V3)))
     fleet.settle()
     assert fleet.running(second) == V3
@@ -189,13 +191,13 @@ def test_the_periodic_repull_is_this_hosts_alone_and_records_nothing() -> None:
     clock = Clock()
     fleet = Fleet(clock)
     first, _ = fleet.hosts
-    first.engine.publish(APP, GOOD, image_id=V2)
+    first.publish(APP, GOOD, image_id=V2)
     first.reconciler.request(Update("*", source="repull", received=clock.seconds()))
     fleet.settle()
     assert fleet.running(first) == V2
     assert fleet.etcd.value(f"{PREFIX}/_/builds/{APP}") is None
     # Served together with an update from elsewhere, that update decides (and is recorded).
-    first.engine.publish(APP, GOOD, image_id=V3)
+    first.publish(APP, GOOD, image_id=V3)
     first.reconciler.request(update(100.0))
     first.reconciler.request(Update("*", source="repull", received=clock.seconds()))
     fleet.settle()
@@ -207,15 +209,15 @@ def test_the_record_is_read_again_while_etcd_does_not_answer(logs: list[LogEvent
     fleet = Fleet(clock)
     first, second = fleet.hosts
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V2)
+        host.publish(APP, GOOD, image_id=V2)
     first.reconciler.request(update(100.0))
     fleet.settle()
     for host in fleet.hosts:
-        host.engine.publish(APP, GOOD, image_id=V3)
+        host.publish(APP, GOOD, image_id=V3)
     fleet.links[1].cut = True
     second.reconciler.request(update(100.0))
     clock.advance(3.0)
-    assert second.engine.count("pull") == 0  # nothing pulled before it knows which build
+    assert second.pulls == 0  # nothing pulled before it knows which build
     fleet.links[1].cut = False
     fleet.settle()
     assert fleet.running(second) == V2
@@ -227,12 +229,12 @@ def test_standalone_hosts_record_nothing() -> None:
     clock = Clock()
     host = SimHost(clock, "h1", wiring.standalone(clock, hostname="h1"))
     assert host.rollouts.builds is None
-    host.engine.local(APP, GOOD, image_id=V1)
-    host.engine.run("web", APP)
-    host.engine.publish(APP, GOOD, image_id=V2)
+    host.local(APP, GOOD, image_id=V1)
+    host.run("web", APP)
+    host.publish(APP, GOOD, image_id=V2)
     host.reconciler.request(update(100.0))
     run_until(clock, lambda: host.idle)
-    assert host.engine.count("pull", APP) == 1 and host.engine.count("tag") == 0
+    assert host.pulls_of(APP) == 1 and host.tags_from("") == 0
 
 
 # -- the records ----------------------------------------------------------------------------------
