@@ -31,6 +31,7 @@ from deployer.replacers import StopReplacer
 from deployer.rollout.wiring import Rollouts
 from deployer.rollout_round import Rollout
 from deployer.rounds import Outcome, RoundReport
+from deployer.testing.memory_common import digest_of, normalize
 from deployer.testing.memory_docker import (
     Behaviour,
     ContainerState,
@@ -38,7 +39,6 @@ from deployer.testing.memory_docker import (
     MemoryDocker,
     MemorySupervisor,
 )
-from deployer.testing.memory_common import digest_of, normalize
 from deployer.testing.memory_health import STEADY
 from tests.stack.health_images import HEALTHY_TEST
 
