@@ -36,7 +36,7 @@ from deployer.model import Update
 from deployer.reference import InvalidReference, familiar, split
 from deployer.rollout.builds import BuildRecord, Builds
 from deployer.rollout.keys import app_name
-from deployer.rollout_round import retrying
+from deployer.rollout_round import retry_logged
 
 log = Logger()
 
@@ -80,7 +80,7 @@ class Fetcher:
         except InvalidReference:
             await self.engine.pull(tag)
             return None
-        seen = await retrying(self.clock, self.retry, f"reading the build recorded for {app}",
+        seen = await retry_logged(self.clock, self.retry, f"reading the build recorded for {app}",
                               lambda: builds.get(app))
         if seen is not None and seen.record is not None and seen.record.stands_for(update):
             await self._pull_recorded(tag, seen.record, update)
@@ -93,7 +93,7 @@ class Fetcher:
                      " recorded for the rollout of {app}", tag=tag, app=app)
             return image
         mine = BuildRecord.of(app, digest, image.id, update, self.hostname, self.clock.seconds())
-        standing = await retrying(self.clock, self.retry, f"recording the build of {app}",
+        standing = await retry_logged(self.clock, self.retry, f"recording the build of {app}",
                                   lambda: builds.claim(mine, seen))
         if standing.digest == digest:
             if standing == mine:
