@@ -17,13 +17,22 @@ envelope that is not ``{"events": [...]}`` at all is refused with 400.
 
 Names, tags and digests go through Docker's reference grammar (:mod:`deployer.reference`), and
 anything with whitespace, control or non-ASCII characters is refused before that.
+
+An update's time (``received``) is the moment the webhook arrived, except for a Distribution
+registry's event: its own ``timestamp`` (never later than the arrival). A registry that retries
+a notification sends it with its first time, so a late one is known to be older than a newer
+push (:mod:`deployer.freshness`). Docker Hub's ``pushed_at`` and Harbor's ``occur_at`` are whole
+seconds: two pushes within one second would look like one update to the fleet's build records
+(:mod:`deployer.rollout.builds`), so their arrival time is kept.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TypeVar
 
 import attrs
@@ -127,6 +136,32 @@ def _update(
     )
 
 
+def sent_time(obj: object, path: str, received: float, where: str = "") -> float:
+    """The sender's time of an event at ``path`` of ``obj`` (Unix seconds, or an RFC 3339 text
+    with its offset), never later than ``received``; ``received`` when there is none that
+    reads (a bad time is no reason to refuse an event)."""
+    try:
+        value = get_field(obj, path, where)
+    except BadWebhook:
+        return received
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = None
+    elif isinstance(value, str) and value.isascii() and len(value) <= 64:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            when = None
+        if when is not None and when.utcoffset() is not None:
+            seconds = when.timestamp()
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return received
+    return min(seconds, received)
+
+
 def _unique(items: Iterable[T]) -> list[T]:
     return list(dict.fromkeys(items))
 
@@ -213,7 +248,7 @@ def _registry_event(event: object, where: str, received: float) -> Update | None
     return _update(
         name,
         "registry",
-        received,
+        sent_time(event, "timestamp", received, where),
         tag=tag,
         digest=_digest(f"{where}.target.digest", string_field(event, "target.digest", where)),
         event_id=string_field(event, "id", where),

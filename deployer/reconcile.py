@@ -26,6 +26,14 @@ round that is reading the engine's lists at that moment). A burst of webhooks fo
 repository during its pull thus costs at most one more pull, a push during a pull is never
 lost, and no tag is ever pulled twice at the same time.
 
+Never backwards (:mod:`deployer.freshness`): an update that carries a digest and is older than
+the newest build this host knows of its tag (from the same source) is skipped, when it is
+requested and again when the pull of its tag starts (with the updates that joined the round
+meanwhile), with one log line that names the newer build; a tag whose updates are all older is
+not pulled. What is pulled for a tag is decided by
+:class:`~deployer.fetch.Fetcher`: by tag, or in a fleet the digest recorded for the rollout of
+the update (the same build on every host).
+
 Safety: a tag whose pull failed (or stalled) has none of its containers replaced; a container is
 replaced only when its tag now points at an image the engine has; no more of an app's
 containers are down at once than its rollout slots allow (apps side by side, each in its own
@@ -36,7 +44,7 @@ with a capped backoff; no error ends the daemon.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,7 +52,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deployer.backoff import backoff
-from deployer.docker import Container, looks_like_id
+from deployer.docker import Container, Image, looks_like_id
 from deployer.errors import (
     ContainerNotFound,
     DockerError,
@@ -52,6 +60,8 @@ from deployer.errors import (
     ImageNotFound,
     PullStalled,
 )
+from deployer.fetch import FetchEngine, Fetcher
+from deployer.freshness import Judged, TagHistory
 from deployer.host_apps import digest_for
 from deployer.model import Update
 from deployer.reference import familiar, matches, with_tag
@@ -65,6 +75,10 @@ log = Logger()
 MAX_QUEUED_PER_PATTERN = 1000
 
 
+class HostEngine(Engine, FetchEngine, Protocol):
+    """What the rounds of a host need of its engine (:class:`deployer.docker.DockerClient`)."""
+
+
 class Reconciler:
     """The update rounds of one host, over its Docker ``engine``; every timer runs on
     ``reactor``. ``observers`` get each round's :class:`RoundReport`. ``rollout`` replaces the
@@ -73,7 +87,7 @@ class Reconciler:
     def __init__(
         self,
         reactor: IReactorTime,
-        engine: Engine,
+        engine: HostEngine,
         kill_timeout: int = 10,
         max_pulls: int = 4,
         observers: Iterable[Callable[[RoundReport], object]] = (),
@@ -106,6 +120,15 @@ class Reconciler:
         self._stopped = False
         #: Requests folded into the newest one of their pattern (see MAX_QUEUED_PER_PATTERN).
         self.merged = 0
+        #: The newest build known of each tag (never backwards), and the updates it skipped.
+        self.known = TagHistory()
+        self.skipped = 0
+        self.fetcher = Fetcher(
+            reactor, engine,
+            builds=rollout.rollouts.builds if rollout is not None else None,
+            hostname=rollout.hostname if rollout is not None else "",
+            retry=rollout.retry if rollout is not None else None,
+        )
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -113,6 +136,9 @@ class Reconciler:
         """Take one update; the round that serves it runs as soon as the tags it wants are not
         being handled by another round."""
         pattern = update.pattern
+        if not self.known.requested(update):
+            self.skipped += 1
+            return
         for current in self._rounds:
             if current.absorbs(pattern):
                 log.info("update {update} joins the running round", update=update.describe())
@@ -311,10 +337,12 @@ class Reconciler:
 
     async def _pull(self, state: Round, tag: str) -> str:
         """Pull ``tag`` (at most ``max_pulls`` at once on the host) and return the image id it
-        now points at; "" when the pull failed or the engine does not have it."""
+        now points at; "" when the pull failed, the engine does not have it, or every update of
+        the tag is older than a build known (nothing is pulled then)."""
         key = familiar(tag)
+        pulled: list[tuple[Judged, Image | None]] = []
         try:
-            seconds = await self.semaphore.run(self._pull_one, state, tag)
+            seconds = await self.semaphore.run(self._pull_one, state, tag, pulled)
         except DockerUnavailable:
             raise
         except DockerError as e:
@@ -324,9 +352,12 @@ class Reconciler:
             if isinstance(e, PullStalled):
                 state.stalled.append(key)
             return ""
+        judged, found = pulled[0]
+        if seconds is None:
+            return ""
         state.pull_seconds[key] = seconds
         try:
-            image = await self.engine.inspect_image(tag)
+            image = found if found is not None else await self.engine.inspect_image(tag)
         except ImageNotFound:
             log.warn("{tag} was pulled but the engine does not have it", tag=tag)
             return ""
@@ -337,15 +368,25 @@ class Reconciler:
             log.error("cannot inspect {tag}: {error}", tag=tag, error=str(e))
             return ""
         state.images[key] = image.id
-        state.digests[key] = digest_for(image.repo_digests, key)
+        digest = state.digests[key] = digest_for(image.repo_digests, key)
+        self.known.pulled(key, judged, digest)
         if self.rollout is not None:
             self.rollout.apps.learn_image(image)
         return image.id
 
-    async def _pull_one(self, state: Round, tag: str) -> float:
-        state.waiting.discard(familiar(tag))
+    async def _pull_one(self, state: Round, tag: str,
+                        pulled: list[tuple[Judged, Image | None]]) -> float | None:
+        """The pull's seconds; None when every update of the tag is older than a build known.
+        The updates are judged here, once no more can join the round for this tag."""
+        key = familiar(tag)
+        state.waiting.discard(key)
+        judged = self.known.judge(key, [u for u in state.updates if matches(u.pattern, tag)])
+        self.skipped += len(judged.older)
+        if not judged.fresh:
+            pulled.append((judged, None))
+            return None
         started = self.reactor.seconds()
-        await self.engine.pull(tag)
+        pulled.append((judged, await self.fetcher.fetch(tag, judged.fresh)))
         return max(0.0, self.reactor.seconds() - started)
 
     async def _replace_stale(

@@ -33,10 +33,9 @@ from typing import TypeVar
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from deployer.backoff import RetryPolicy, backoff
+from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.docker import Container
 from deployer.errors import ContainerNotFound, DeployerError, DockerUnavailable
 from deployer.host_apps import HostApps
@@ -54,6 +53,21 @@ from deployer.rounds import Outcome, Result
 log = Logger()
 
 _T = TypeVar("_T")
+
+
+async def retry_logged(clock: IReactorTime, policy: RetryPolicy, what: str,
+                       call: Callable[[], Deferred[_T]]) -> _T:
+    """``call()`` until it succeeds (:func:`deployer.backoff.retrying`, waiting ``policy``'s
+    backoff between attempts: etcd away), each failure logged as ``what``; cancellation and
+    :class:`~deployer.reference.InvalidReference` are not retried."""
+
+    def failed(error: Exception, failures: int, delay: float) -> None:
+        if isinstance(error, InvalidReference):
+            raise error
+        log.warn("{what} failed: {error}; trying again in {delay:.1f}s", what=what,
+                 error=str(error) or type(error).__name__, delay=delay)
+
+    return await retrying(policy, clock, call, failed)
 
 
 def _short(image_id: str) -> str:
@@ -246,19 +260,7 @@ class Rollout:
                                     lambda: self.rollouts.pauses.get(app))
 
     async def _retrying(self, what: str, call: Callable[[], Deferred[_T]]) -> _T:
-        """``call()`` until it succeeds, waiting the backoff between attempts (etcd away)."""
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except (CancelledError, InvalidReference):
-                raise
-            except Exception as e:
-                delay = self.retry(attempt)
-                attempt += 1
-                log.warn("{what} failed: {error}; trying again in {delay:.1f}s", what=what,
-                         error=str(e) or type(e).__name__, delay=delay)
-                await deferLater(self.clock, delay)
+        return await retry_logged(self.clock, self.retry, what, call)
 
     def _outcome(self, replacement: Replacement, result: Result, detail: str,
                  waited: float = 0.0, reason: str | None = None) -> Outcome:

@@ -31,6 +31,7 @@ from deployer.replacers import StopReplacer
 from deployer.rollout.wiring import Rollouts
 from deployer.rollout_round import Rollout
 from deployer.rounds import Outcome, RoundReport
+from deployer.testing.memory_common import digest_of, normalize
 from deployer.testing.memory_docker import (
     Behaviour,
     ContainerState,
@@ -44,6 +45,12 @@ from tests.stack.health_images import HEALTHY_TEST
 FAST_RULES = ReadyRules(min_ready=1.0, ready_timeout=30.0)
 SUPERVISOR_DELAY = 0.5
 """Seconds a supervisor waits before it runs a stopped container again."""
+
+
+def manifest_digest(image_id: str) -> str:
+    """The manifest digest the pretend registry gives the build ``image_id`` (published
+    without a digest of its own)."""
+    return digest_of("manifest", image_id)
 
 
 def health_check(every: float = 1.0) -> Healthcheck:
@@ -150,6 +157,19 @@ class SimHost:
     def started(self, container_id: str) -> bool:
         """Whether the host asked the engine to start ``container_id``."""
         return self.mem.count("POST", f"/containers/{container_id}/start") > 0
+
+    def pulls_of(self, ref: str) -> int:
+        """How many pulls of ``ref`` (``repo:tag``, or ``repo@sha256:…`` by digest) the host
+        asked for."""
+        wanted = normalize(ref)
+        return sum(1 for p in self.mem.pulls if p.repotag == wanted)
+
+    def tags_from(self, image: str) -> int:
+        """How many times the host asked the engine to tag ``image`` (a name as the host gave
+        it); ``""``: any image."""
+        return sum(1 for method, path in self.mem.calls
+                   if method == "POST" and path.endswith(f"{image}/tag")
+                   and "/images/" in path)
 
     @property
     def stops(self) -> int:

@@ -52,6 +52,9 @@ class Engine(Protocol):
     def publish_broken(self, repotag: str, version: str) -> None:
         """Make the registry list ``repotag`` but fail to deliver its layers."""
 
+    def registry_digest(self, repotag: str) -> str:
+        """The manifest digest of what the registry holds under ``repotag`` now."""
+
     def local_image_id(self, repotag: str) -> str | None:
         """What ``repotag`` points at in the engine, seen without the client."""
 
@@ -109,6 +112,9 @@ class MemoryEngine:
     def publish_broken(self, repotag: str, version: str) -> None:
         self.docker.publish(repotag, labels={"version": version})
         self.docker.fail_pull(repotag, "unknown blob")
+
+    def registry_digest(self, repotag: str) -> str:
+        return self.docker.registry_digest(repotag)
 
     def local_image_id(self, repotag: str) -> str | None:
         return self.docker.image_id(repotag)
@@ -181,6 +187,12 @@ class RealEngine:
         ref = parse_reference(repotag)
         assert ref.tag is not None
         self.registry.break_layers(ref.path, ref.tag)
+
+    def registry_digest(self, repotag: str) -> str:
+        ref = parse_reference(repotag)
+        assert ref.tag is not None
+        digest: str = self.registry.manifest(ref.path, ref.tag)[0]
+        return digest
 
     def local_image_id(self, repotag: str) -> str | None:
         return self.dockerd.image_id(repotag)
@@ -325,6 +337,42 @@ async def test_pull_of_other_tag_leaves_first(engine: Engine) -> None:
     tags = {t: i.id for i in await engine.client.images() for t in i.repo_tags}
     assert tags[f"{name}:qa"] == qa
     assert tags[f"{name}:prod"] == prod
+
+
+@pytest_twisted.ensureDeferred
+async def test_pull_by_digest_brings_that_build_and_tags_nothing(engine: Engine) -> None:
+    name = engine.repo()
+    repotag = f"{name}:qa"
+    v1 = engine.publish(repotag, "v1")
+    d1 = engine.registry_digest(repotag)
+    v2 = engine.publish(repotag, "v2")  # the tag moved on; its first build stays pullable
+    d2 = engine.registry_digest(repotag)
+    assert v1 != v2 and d1 != d2
+
+    await engine.client.pull(f"{name}@{d1}")
+
+    assert engine.local_image_id(repotag) is None  # nothing tagged
+    by_digest = await engine.client.inspect_image(f"{name}@{d1}")
+    assert (by_digest.id, by_digest.repo_tags) == (v1, ())
+    assert by_digest.repo_digests == (f"{name}@{d1}",)
+    listed = [i for i in await engine.client.images() if i.id == v1]
+    assert [(i.repo_tags, i.repo_digests) for i in listed] == [((), (f"{name}@{d1}",))]
+    with pytest.raises(ImageNotFound):
+        await engine.client.inspect_image(f"{name}@{d2}")  # not pulled
+
+    await engine.client.tag(f"{name}@{d1}", name, "qa")  # what a host does with it
+    assert engine.local_image_id(repotag) == v1
+    await engine.client.pull(f"{name}@{d1}")  # again: up to date, the tag stays
+    assert engine.local_image_id(repotag) == v1
+    await engine.client.pull(repotag)  # by tag: the registry's current build
+    assert engine.local_image_id(repotag) == v2
+    assert (await engine.client.inspect_image(f"{name}@{d1}")).id == v1
+    assert (await engine.client.inspect_image(f"{name}@{d2}")).id == v2
+
+    with pytest.raises(PullFailed) as unknown:
+        await engine.client.pull(f"{name}@sha256:{'0' * 64}")
+    assert unknown.value.status == 404
+    assert f"{name}@sha256:{'0' * 64}" in unknown.value.message
 
 
 @pytest_twisted.ensureDeferred

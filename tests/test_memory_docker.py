@@ -427,6 +427,31 @@ def test_pull_line_stream(docker: MemoryDocker, raw: Raw) -> None:
         "Status: Image is up to date for busybox:1.36"]
 
 
+def test_pull_by_digest_line_stream_event_and_knobs(docker: MemoryDocker, raw: Raw) -> None:
+    old = docker.publish(f"{REPO}:qa")
+    digest = docker.registry_digest(f"{REPO}:qa")
+    docker.publish(f"{REPO}:qa")  # the tag moved on
+    ref = f"{REPO}@{digest}"
+    code, _, body = raw("POST", f"/v1.41/images/create?fromImage={REPO}&tag={digest}")
+    assert code == 200
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert lines[0] == {"status": f"Pulling from {REPO.partition('/')[2]}", "id": digest}
+    assert lines[-2:] == [{"status": f"Digest: {digest}"},
+                          {"status": f"Status: Downloaded newer image for {ref}"}]
+    assert (docker.image_id(ref), docker.image_id(f"{REPO}:qa")) == (old, None)
+    [pulled] = [e for e in docker.events.history if e["Action"] == "pull"]
+    assert (pulled["Actor"]["ID"], pulled["Actor"]["Attributes"]["name"]) == (ref, REPO)
+    assert docker.pulls[-1].repotag == ref
+    # The test knobs take a pull by digest too; a tag or a digest of another build is spared.
+    docker.fail_pull(ref, status=404)
+    code, error = raw.json("POST", f"/v1.41/images/create?fromImage={ref}")
+    assert (code, error["message"]) == (
+        404, f"manifest for {ref} not found: manifest unknown: manifest unknown")
+    assert raw("POST", f"/v1.41/images/create?fromImage={REPO}&tag=qa")[0] == 200
+    code, _ = raw.json("POST", f"/v1.41/images/create?fromImage={REPO}&tag=sha256:abc")
+    assert code == 400
+
+
 def test_pull_without_tag_pulls_every_tag(docker: MemoryDocker, raw: Raw) -> None:
     qa = docker.publish(f"{REPO}:qa")
     prod = docker.publish(f"{REPO}:prod")

@@ -10,13 +10,17 @@
     ``repository``, ``registry``, ``tag``, ``digest``, ``source``, ``received`` and
     ``event_id``). A value that :meth:`~deployer.model.Update.from_json` does not accept (an
     operator's ``anything``), or one that describes another repository than its key, still
-    triggers: the update then comes from the key alone, with source ``etcd``. A key whose pattern
-    is not a valid Docker reference is refused (:class:`InvalidKey`). A DELETE deploys nothing.
+    triggers: the update then comes from the key alone, with source ``etcd``. A value keeps the
+    update's own time (``received``: the sender's time of the event where it gave one), by
+    which every host knows an update written before one it applied (never backwards,
+    :mod:`deployer.freshness`). A key whose pattern is not a valid Docker reference is refused
+    (:class:`InvalidKey`). A DELETE deploys nothing.
 
 ``<prefix>/_/...``
     Reserved for daemon state that must never trigger a deploy (leases, rollout slots, host
-    status). :meth:`KeyLayout.decode` ignores these keys; no valid repository name starts with
-    ``_``. :meth:`KeyLayout.state` names them.
+    status, pauses, the build each app's rollout deploys: :mod:`deployer.rollout.keys`).
+    :meth:`KeyLayout.decode` ignores these keys; no valid repository name starts with ``_``.
+    :meth:`KeyLayout.state` names them.
 
 The watch covers ``<prefix>/`` with the slash, so a ``/deployer`` daemon never sees
 ``/deployer2/...``.

@@ -19,6 +19,8 @@ The modules, one job each:
     Paused rollouts, in etcd or in memory.
 :mod:`~deployer.rollout.status`
     What each host runs, published to etcd, and the ``/status`` document.
+:mod:`~deployer.rollout.builds`
+    The build each app's rollout deploys (same build everywhere).
 :mod:`~deployer.rollout.wiring`
     The parts put together for fleet or standalone mode.
 :mod:`~deployer.rollout.testing`
@@ -34,10 +36,15 @@ its familiar form, e.g. ``myorg/app:qa`` or ``127.0.0.1:5000/myorg/app:qa``)::
                                               {"app", "image_id", "digest", "host", "reason",
                                                "time"}
     <prefix>/_/hosts/<hostname>               lease-bound; what the host runs (see status)
+    <prefix>/_/builds/<app>                   not lease-bound; the build of the newest update
+                                              {"app", "digest", "image_id", "time", "source",
+                                               "event_id", "host", "recorded"}
 
 Nothing under ``<prefix>/_/`` ever triggers a deploy.
 
-How a round uses them, per stale container of an app, after the pull::
+A round reads ``builds`` before it pulls a tag, and records what it pulled when no record
+stands for its update (:mod:`deployer.fetch`). How it uses the rest, per stale container of an
+app, after the pull::
 
     if await pauses.get(app) is paused for the pulled build: put repo:tag back, skip
     await pauses.supersede(app, pulled_image_id, digest)    # a new build ends an old pause

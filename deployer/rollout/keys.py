@@ -112,3 +112,18 @@ class RolloutKeys:
             return None
         name = key[len(self.hosts):]
         return name if name and "/" not in name else None
+
+    # -- builds -------------------------------------------------------------------------------
+
+    @property
+    def builds_all(self) -> str:
+        return f"{self.reserved}builds/"
+
+    def build(self, app: str) -> str:
+        """The build recorded for the rollout of ``app``'s newest update."""
+        return f"{self.builds_all}{app}"
+
+    def build_app(self, key: str) -> str | None:
+        if not key.startswith(self.builds_all) or key == self.builds_all:
+            return None
+        return key[len(self.builds_all):]

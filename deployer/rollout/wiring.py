@@ -14,6 +14,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from deployer.rollout.builds import Builds, EtcdBuilds
 from deployer.rollout.fleet import FleetSlots
 from deployer.rollout.gateway import Gateway
 from deployer.rollout.keys import RolloutKeys
@@ -33,13 +34,15 @@ from deployer.rollout.status import (
 class Rollouts:
     """``slots`` to take before a replacement; ``pauses``; ``publish`` what this host runs;
     ``status`` answers ``GET /status``; ``keeper`` (fleet only) says whether the host holds its
-    lease (``held``, ``reason``: for ``/healthz``)."""
+    lease (``held``, ``reason``: for ``/healthz``); ``builds`` (fleet only) the build each
+    app's rollout deploys, so that every host deploys the same one."""
 
     slots: Slots
     pauses: Pauses
     publish: Callable[[Mapping[str, AppState]], Deferred[None]]
     status: StatusReader
     keeper: LeaseKeeper | None = None
+    builds: Builds | None = None
 
 
 def fleet(
@@ -61,6 +64,7 @@ def fleet(
         publish=publisher.publish,
         status=EtcdStatus(gateway, keys, clock, limit=max_unavailable),
         keeper=keeper,
+        builds=EtcdBuilds(gateway, keys),
     )
 
 

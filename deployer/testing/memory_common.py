@@ -39,9 +39,13 @@ def timestamp(seconds: float) -> str:
 
 
 def normalize(ref: str) -> str:
-    """``ref`` as the engine names it: familiar ``[host/]path:tag``, tag ``latest`` by default.
-    Raises :class:`~deployer.reference.InvalidReference`."""
+    """``ref`` as the engine names it: familiar ``[host/]path:tag``, tag ``latest`` by default;
+    with a digest, ``[host/]path[:tag]@sha256:…`` (no default tag). Raises
+    :class:`~deployer.reference.InvalidReference`."""
     parsed = parse_reference(ref)
+    if parsed.digest is not None:
+        tag = f":{parsed.tag}" if parsed.tag else ""
+        return f"{parsed.name}{tag}@{parsed.digest}"
     return f"{parsed.name}:{parsed.tag or 'latest'}"
 
 

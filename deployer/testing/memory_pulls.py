@@ -1,11 +1,16 @@
 """``POST /images/create`` (a pull) of the in-memory Docker engine: the answer dockerd 20.10
 gives, an error status before the stream or a 200 stream of JSON lines (with the error as a line
 of it), held as long as a test holds the registry (see
-:meth:`~deployer.testing.memory_registry.RegistryState.slow_pull`)."""
+:meth:`~deployer.testing.memory_registry.RegistryState.slow_pull`).
+
+By tag (``fromImage=repo&tag=qa``) a pull brings what the tag holds now and tags it; by digest
+(``fromImage=repo&tag=sha256:…``) it brings that build, whichever tag held it, and only adds
+``repo@sha256:…`` to the image's ``RepoDigests``."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +26,9 @@ from deployer.testing.memory_registry import Gate, PullRecord
 from deployer.testing.memory_state import EngineState
 
 log = Logger()
+
+#: What dockerd takes for a digest in the ``tag`` parameter (else it is a tag).
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -45,13 +53,16 @@ class Pulls:
         tag = _arg(request, "tag") or ""
         try:
             ref = parse_reference(from_image)
-            if tag.startswith("sha256:"):
-                raise ApiError(400, "MemoryDocker does not pull by digest")
-            if tag:
+            digest = tag if _DIGEST.match(tag) else None  # dockerd's "tag" may be a digest
+            if tag and digest is None:
                 check_tag(tag)
         except InvalidReference as e:
             raise ApiError(400, f"invalid reference format: {e}") from e
-        if tag or ref.tag:
+        if digest is None and not tag and ref.digest is not None:
+            digest = ref.digest
+        if digest is not None:  # that build, tagging nothing
+            repotags = [f"{ref.name}@{digest}"]
+        elif tag or ref.tag:
             repotags = [f"{ref.name}:{tag or ref.tag}"]
         else:  # no tag at all: the engine pulls every tag of the repository
             repotags = sorted(r for r in engine.remote if split(r)[0] == ref.name)
@@ -64,7 +75,7 @@ class Pulls:
             failure = engine.pull_failure(repotag, before_stream=True)
             if failure is not None:
                 raise ApiError(failure.status or 500, failure.message)
-            if repotag not in engine.remote and not engine.has_failure(repotag):
+            if engine.build_for(repotag) is None and not engine.has_failure(repotag):
                 raise ApiError(404, f"manifest for {repotag} not found: manifest unknown:"
                                     " manifest unknown")
         request.setHeader(b"Content-Type", b"application/json")
@@ -110,17 +121,17 @@ class Pulls:
 
         shown_path = path if "/" in path else "library/" + path
         for repotag in repotags:
-            name, tag, _ = split(repotag)
+            name, tag, digest = split(repotag)
             gate = engine.gate(repotag)
             if gate is not None and not gate.answer:
                 if not await self._held(gate, line):
                     return
-            line({"status": f"Pulling from {shown_path}", "id": tag})
+            line({"status": f"Pulling from {shown_path}", "id": digest or tag})
             if gate is not None and gate.answer:
                 if not await self._held(gate, line):
                     return
             failure = engine.pull_failure(repotag, before_stream=False)
-            remote = engine.remote.get(repotag)
+            remote = engine.build_for(repotag)
             local = engine.find_image(repotag)
             if failure is not None or remote is None:
                 message = failure.message if failure is not None else "manifest unknown"

@@ -1,5 +1,8 @@
 """The pretend registry of the in-memory Docker engine and the test knobs on pulls: what a tag
-holds (:meth:`RegistryState.publish`), pulls that fail or hang, and the record of every pull."""
+holds (:meth:`RegistryState.publish`), every build it was ever given (pulled by digest), pulls
+that fail or hang, and the record of every pull.
+
+A pull is named ``repo:tag``, or ``repo@sha256:…`` for a pull by digest; the knobs take either."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from deployer.reference import split
 from deployer.testing.memory_common import digest_of, normalize
 from deployer.testing.memory_health import Behaviour, Healthcheck
 from deployer.testing.memory_images import ImageState, RemoteImage
@@ -24,7 +28,8 @@ log = Logger()
 
 @attrs.frozen
 class PullRecord:
-    """One ``POST /images/create``: the repo:tag asked for and the ``X-Registry-Auth`` header."""
+    """One ``POST /images/create``: the ``repo:tag`` (or ``repo@sha256:…``) asked for and the
+    ``X-Registry-Auth`` header."""
 
     repotag: str
     auth: str | None
@@ -87,7 +92,11 @@ class RegistryState:
     images: dict[str, ImageState]
 
     def __init__(self) -> None:
+        #: What each ``repo:tag`` holds now.
         self.remote: dict[str, RemoteImage] = {}
+        #: Every build the registry was ever given, by ``repo@sha256:…`` (a registry keeps a
+        #: manifest when its tag moves on).
+        self.builds: dict[str, RemoteImage] = {}
         #: Every pull asked for, with its auth header.
         self.pulls: list[PullRecord] = []
         #: Pulls whose client went away before they ended (e.g. gave up on a held pull).
@@ -114,14 +123,21 @@ class RegistryState:
             healthcheck = local.healthcheck if healthcheck is None else healthcheck
             behaviour = local.behaviour if behaviour is None else behaviour
             config = local.config if config is None else config
-        self.remote[repotag] = RemoteImage(
+        remote = RemoteImage(
             image_id=image_id, digest=digest or digest_of("manifest", image_id),
             labels=dict(labels or {}), healthcheck=healthcheck,
             behaviour=behaviour or Behaviour(), config=dict(config or {}),
         )
+        self.remote[repotag] = remote
+        self.builds[f"{split(repotag)[0]}@{remote.digest}"] = remote
         return image_id
 
+    def registry_digest(self, repotag: str) -> str:
+        """The manifest digest of what the registry holds under ``repotag`` now."""
+        return self.remote[normalize(repotag)].digest
+
     def unpublish(self, repotag: str) -> None:
+        """The registry no longer has the tag (its builds stay pullable by digest)."""
         self.remote.pop(normalize(repotag), None)
 
     def fail_pull(
@@ -173,6 +189,10 @@ class RegistryState:
         return [p.auth for p in self.pulls if p.repotag == repotag]
 
     # -- for the pull endpoint ------------------------------------------------------------------
+
+    def build_for(self, ref: str) -> RemoteImage | None:
+        """What a pull of ``ref`` (``repo:tag`` or ``repo@sha256:…``) brings, or None."""
+        return self.builds.get(ref) if "@" in ref else self.remote.get(ref)
 
     def pull_failure(self, repotag: str, *, before_stream: bool) -> PullFailure | None:
         """How a pull of ``repotag`` fails now (None: it does not); a ``once`` failure is used

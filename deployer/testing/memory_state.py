@@ -107,8 +107,10 @@ class EngineState(RegistryState, NetworkOps):
         return image_id
 
     def pulled(self, remote: RemoteImage, repotag: str, name: str) -> None:
-        """A pull of ``repotag`` brought ``remote`` (tagging it, and its digest, here)."""
-        self.add_image([repotag], remote.image_id, remote.labels,
+        """A pull of ``repotag`` brought ``remote`` (tagging it, and its digest, here); a pull
+        by digest (``repo@sha256:…``) tags nothing."""
+        tags = [] if "@" in repotag else [repotag]
+        self.add_image(tags, remote.image_id, remote.labels,
                        [f"{name}@{remote.digest}"], healthcheck=remote.healthcheck,
                        behaviour=remote.behaviour, config=remote.config)
         self.events.emit("image", "pull", repotag, {**remote.labels, "name": name})
