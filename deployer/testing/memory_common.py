@@ -7,7 +7,7 @@ import hashlib
 import re
 from datetime import UTC, datetime
 
-from deployer.reference import parse_reference
+from deployer.reference import InvalidReference, parse_reference
 
 ENGINE_VERSION = "20.10.24-memory"
 IMAGE_SIZE = 1982378
@@ -47,6 +47,15 @@ def normalize(ref: str) -> str:
         tag = f":{parsed.tag}" if parsed.tag else ""
         return f"{parsed.name}{tag}@{parsed.digest}"
     return f"{parsed.name}:{parsed.tag or 'latest'}"
+
+
+def shown_name(ref: str) -> str:
+    """``ref`` as an error message of the engine shows it: normalized, or as given when it is
+    not a reference at all."""
+    try:
+        return normalize(ref)
+    except InvalidReference:
+        return ref
 
 
 def human_duration(seconds: float) -> str:

@@ -43,8 +43,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from deployer.reference import InvalidReference
-from deployer.testing.memory_common import ENGINE_VERSION, ApiError, normalize
+from deployer.testing.memory_common import ENGINE_VERSION, ApiError, normalize, shown_name
 from deployer.testing.memory_containers import ContainerState
 from deployer.testing.memory_events import EventFilter, parse_time
 from deployer.testing.memory_health import Behaviour, Healthcheck
@@ -357,11 +356,7 @@ class MemoryDocker(EngineState):
     def _inspect_image(self, request: IRequest, name: str) -> bytes:
         image = self.find_image(name)
         if image is None:
-            try:
-                shown = normalize(name)
-            except InvalidReference:
-                shown = name
-            raise ApiError(404, f"no such image: {name}: No such image: {shown}")
+            raise ApiError(404, f"no such image: {name}: No such image: {shown_name(name)}")
         return _json(request, image.inspect())
 
     @_api("/images/<path:name>/tag", "POST")

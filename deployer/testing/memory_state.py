@@ -29,6 +29,7 @@ from deployer.testing.memory_common import (
     digest_of,
     name_conflict,
     normalize,
+    shown_name,
 )
 from deployer.testing.memory_containers import (
     ContainerState,
@@ -213,11 +214,7 @@ class EngineState(RegistryState, NetworkOps):
         image_ref = str(body.get("Image") or "")
         image = self.find_image(image_ref) if image_ref else None
         if image is None:
-            try:
-                shown = normalize(image_ref)
-            except InvalidReference:
-                shown = image_ref
-            raise ApiError(404, f"No such image: {shown}")
+            raise ApiError(404, f"No such image: {shown_name(image_ref)}")
         host = host_config(body.get("HostConfig"))
         container = ContainerState(
             id=container_id, name=name, image_ref=image_ref, image_id=image.id,
