@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -39,6 +38,7 @@ from bench.common import (
     ratio,
     workdir,
 )
+from bench.engine_events import ContainerEvents
 from tests.stack.daemon import Daemon
 from tests.stack.docker_stack import (
     Dockerd,
@@ -52,90 +52,6 @@ KEY = "deploy_latency"
 TITLE = "1. Deploy latency (webhook → container running the new image)"
 MODES = ("daemon", "docker CLI", "engine API")
 TARGET_RATIO = 1.05
-
-
-class ContainerEvents:
-    """``die`` and ``start`` events of one engine for one container name, read in a thread."""
-
-    def __init__(self, dockerd: Dockerd, name: str) -> None:
-        self.dockerd = dockerd
-        self.name = name
-        self._events: list[tuple[float, str, str]] = []
-        self._cond = threading.Condition()
-        self._conn: _UnixHTTPConnection | None = None
-        self._thread = threading.Thread(target=self._read, name=f"events-{name}", daemon=True)
-        self._ready = threading.Event()
-        self._closed = False
-
-    def start(self) -> ContainerEvents:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise TimeoutError("the engine's event stream did not open")
-        return self
-
-    def _read(self) -> None:
-        filters = json.dumps(
-            {"type": ["container"], "event": ["start", "die"], "container": [self.name]}
-        )
-        self._conn = _UnixHTTPConnection(self.dockerd.socket, timeout=None)  # type: ignore[arg-type]
-        self._conn.request("GET", "/events?filters=" + urllib.parse.quote(filters))
-        response = self._conn.getresponse()
-        self._ready.set()
-        try:
-            while True:
-                line = response.readline()
-                if not line:
-                    return
-                now = time.monotonic()
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                with self._cond:
-                    self._events.append(
-                        (now, str(event.get("Action", "")), str(event.get("id", "")))
-                    )
-                    self._cond.notify_all()
-        except Exception:
-            if not self._closed:
-                raise
-
-    def wait_started(
-        self, after: float, image_id: str, timeout: float = 60.0
-    ) -> tuple[float, float]:
-        """When a container NAME started on ``image_id`` at or after ``after``, and when the
-        last container NAME died before that."""
-        deadline = time.monotonic() + timeout
-        checked = 0
-        while True:
-            with self._cond:
-                while checked >= len(self._events):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{self.name} did not start on {image_id:.19}")
-                    self._cond.wait(left)
-                seen = self._events[checked:]
-            checked += len(seen)
-            for at, action, cid in seen:
-                if at < after or action != "start":
-                    continue
-                state = self.dockerd.inspect(cid)
-                if state is not None and state["Image"] == image_id:
-                    with self._cond:
-                        died = [t for t, a, _ in self._events if a == "die" and after <= t <= at]
-                    return at, (died[-1] if died else float("nan"))
-
-    def close(self) -> None:
-        self._closed = True
-        if self._conn is not None and self._conn.sock is not None:
-            import socket
-
-            try:
-                self._conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._conn.close()
-        self._thread.join(5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

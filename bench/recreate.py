@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
 from bench.common import Section, Summary, Table, Target, main_for, ms, ratio, workdir
-from bench.deploy_latency import ContainerEvents
+from bench.engine_events import ContainerEvents
 from tests.stack.docker_stack import Dockerd, ImageBuilder, Registry, free_port
 
 KEY = "recreate"

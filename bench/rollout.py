@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,13 +48,13 @@ from bench.common import (
     wait_for,
     workdir,
 )
+from bench.engine_events import ContainerEvents
 from tests.stack.daemon import Daemon
 from tests.stack.docker_stack import (
     Dockerd,
     ImageBuilder,
     Registry,
     Supervisor,
-    _UnixHTTPConnection,
 )
 from tests.stack.etcd_stack import EtcdCluster, etcdctl
 from tests.stack.health_images import HEALTHY_TEST, healthcheck
@@ -69,90 +67,8 @@ NAME = "bench-app"
 PREFIX = "/bench"
 TARGET_RATIO = 1.10
 HEALTHY = "health_status: healthy"
-
-
-class Events:
-    """``start``, ``die`` and ``health_status`` events of one engine for one container name,
-    read in a thread: (monotonic time, action, container id)."""
-
-    def __init__(self, dockerd: Dockerd, name: str) -> None:
-        self.dockerd = dockerd
-        self.name = name
-        self.events: list[tuple[float, str, str]] = []
-        self._cond = threading.Condition()
-        self._conn: _UnixHTTPConnection | None = None
-        self._thread = threading.Thread(target=self._read, name=f"events-{name}", daemon=True)
-        self._ready = threading.Event()
-        self._closed = False
-
-    def start(self) -> Events:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise TimeoutError("the engine's event stream did not open")
-        return self
-
-    def _read(self) -> None:
-        filters = json.dumps({"type": ["container"], "container": [self.name],
-                              "event": ["start", "die", "health_status"]})
-        self._conn = _UnixHTTPConnection(self.dockerd.socket, timeout=None)  # type: ignore[arg-type]
-        self._conn.request("GET", "/events?filters=" + urllib.parse.quote(filters))
-        response = self._conn.getresponse()
-        self._ready.set()
-        try:
-            while True:
-                line = response.readline()
-                if not line:
-                    return
-                now = time.monotonic()
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                with self._cond:
-                    self.events.append((now, str(event.get("Action", "")), str(event.get("id"))))
-                    self._cond.notify_all()
-        except Exception:
-            if not self._closed:
-                raise
-
-    def wait(self, after: float, action: str, image_id: str, timeout: float = 90.0) -> float:
-        """When a container NAME on ``image_id`` had ``action`` at or after ``after``."""
-        deadline = time.monotonic() + timeout
-        checked = 0
-        while True:
-            with self._cond:
-                while checked >= len(self.events):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{self.dockerd.base}: {self.name} had no {action!r}"
-                                           f" on {image_id:.19}")
-                    self._cond.wait(left)
-                seen = self.events[checked:]
-            checked += len(seen)
-            for at, what, cid in seen:
-                if at < after or what != action:
-                    continue
-                state = self.dockerd.inspect(cid)
-                if state is not None and state["Image"] == image_id:
-                    return at
-
-    def last(self, action: str, after: float, before: float) -> float:
-        """The time of the last ``action`` between ``after`` and ``before`` (NaN if none)."""
-        with self._cond:
-            found = [t for t, a, _ in self.events if a == action and after <= t <= before]
-        return found[-1] if found else float("nan")
-
-    def close(self) -> None:
-        self._closed = True
-        if self._conn is not None and self._conn.sock is not None:
-            import socket
-
-            try:
-                self._conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._conn.close()
-        self._thread.join(5)
+#: How long a rollout may take to reach a container event, in seconds.
+WAIT = 90.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +95,7 @@ def _run(base: Path, iterations: int, restart_delay: float) -> Section:
     engines: list[Dockerd] = []
     supervisors: list[Supervisor] = []
     daemons: list[Daemon] = []
-    events: list[Events] = []
+    events: list[ContainerEvents] = []
     try:
         registry.start()
         etcd.start()
@@ -193,11 +109,12 @@ def _run(base: Path, iterations: int, restart_delay: float) -> Section:
         check = [healthcheck(HEALTHY_TEST)]
         first = images.publish(ref, "v0", check)
         parallel(*(lambda h=h: h.cli("pull", ref) for h in hosts))
-        events += [Events(host, NAME).start() for host in hosts]
+        events += [ContainerEvents(host, NAME, ("start", "die", "health_status")).start()
+                   for host in hosts]
         for host in hosts:
             supervisors.append(Supervisor(host, NAME, ref, delay=restart_delay).start())
         for stream in events:
-            stream.wait(0.0, HEALTHY, first.image_id)
+            stream.wait(0.0, HEALTHY, first.image_id, WAIT)
         url = etcd.members[0].client_url
         for n, host in enumerate(hosts, 1):
             daemons.append(Daemon(base, [
@@ -218,7 +135,7 @@ def _run(base: Path, iterations: int, restart_delay: float) -> Section:
             if status != 202:
                 raise RuntimeError(f"/api/deploy answered {status}: {answer[:200]!r}")
             started = time.monotonic()
-            healthy = parallel(*(lambda e=e: e.wait(started, HEALTHY, new) for e in events))
+            healthy = parallel(*(lambda e=e: e.wait(started, HEALTHY, new, WAIT) for e in events))
             wait_for(slots_free, 60, "every rollout slot free", 0.05)
             return started, healthy
 
@@ -229,7 +146,7 @@ def _run(base: Path, iterations: int, restart_delay: float) -> Section:
             for host, stream in zip(hosts, events, strict=True):
                 stopping = time.monotonic()
                 host.cli("stop", "-t", "10", NAME)
-                healthy.append(stream.wait(stopping, HEALTHY, new))
+                healthy.append(stream.wait(stopping, HEALTHY, new, WAIT))
             return started, healthy
 
         actions = {"deployer": by_deployer, "docker CLI": by_cli}
