@@ -3,7 +3,6 @@ source: every path to each result, and the orders of events that a real engine p
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -27,6 +26,7 @@ from deployer.readiness import (
 )
 from deployer.testing.agents import CountingAgent
 from deployer.testing.memory_docker import Behaviour, Healthcheck, MemoryDocker
+from tests.fake_events import FakeEventSource
 
 NEW = "sha256:" + "n" * 64
 OLD = "sha256:" + "o" * 64
@@ -105,43 +105,17 @@ class Engine:
                 d.errback(e)
 
 
-@attrs.define(eq=False)
-class Subscription:
-    events: Events
-    on_event: Callable[[ContainerEvent], object]
-    on_resync: Callable[[], object] | None
-
-    def cancel(self) -> None:
-        if self in self.events.subscribers:
-            self.events.subscribers.remove(self)
-
-
-class Events:
+class Events(FakeEventSource):
     def __init__(self) -> None:
-        self.subscribers: list[Subscription] = []
-        self.time = 1_000
-
-    def subscribe(self, on_event: Callable[[ContainerEvent], object],
-                  on_resync: Callable[[], object] | None = None) -> Subscription:
-        subscription = Subscription(self, on_event, on_resync)
-        self.subscribers.append(subscription)
-        return subscription
+        super().__init__(time=1_000)
 
     def emit(self, action: str, id_: str, name: str = "web", **attributes: str) -> None:
-        self.time += 1
         exit_code = attributes.get("exitCode")
-        event = ContainerEvent(
-            action=action, id=id_, name=name, image="myorg/app:qa", time_nano=self.time,
+        self.publish(ContainerEvent(
+            action=action, id=id_, name=name, image="myorg/app:qa", time_nano=self.tick(),
             exit_code=int(exit_code) if exit_code is not None else None,
             attributes={"name": name, **attributes},
-        )
-        for subscription in list(self.subscribers):
-            subscription.on_event(event)
-
-    def resync(self) -> None:
-        for subscription in list(self.subscribers):
-            if subscription.on_resync is not None:
-                subscription.on_resync()
+        ))
 
 
 @attrs.define

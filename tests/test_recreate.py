@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,6 +34,7 @@ from deployer.events import ContainerEvent
 from deployer.readiness import NotReady, NotReadyReason, Readiness, Ready, ReadyRules
 from deployer.recreate import RecreateReplacer
 from deployer.replace import Replacement
+from tests.fake_events import FakeEventSource
 from tests.helpers import fired
 
 SAMPLE = json.loads((Path(__file__).parent / "samples" / "recreate-inspect.json").read_text())
@@ -45,36 +46,13 @@ RULES = ReadyRules(min_ready=5.0, ready_timeout=60.0)
 MUTATING = ("create", "connect", "stop", "rename", "start", "remove", "tag")
 
 
-@attrs.define
-class Subscription:
-    events: Events
-    on_event: Callable[[ContainerEvent], object]
-
-    def cancel(self) -> None:
-        if self in self.events.subscribers:
-            self.events.subscribers.remove(self)
-
-
-class Events:
-    def __init__(self) -> None:
-        self.subscribers: list[Subscription] = []
-        self.time = 0
-
-    def subscribe(self, on_event: Callable[[ContainerEvent], object],
-                  on_resync: Callable[[], object] | None = None) -> Subscription:
-        subscription = Subscription(self, on_event)
-        self.subscribers.append(subscription)
-        return subscription
-
+class Events(FakeEventSource):
     def emit(self, action: str, c: dict[str, Any], **attributes: str) -> None:
-        self.time += 1
         name = c["Name"].lstrip("/")
         code = attributes.get("exitCode")
-        event = ContainerEvent(action, c["Id"], name, c["Config"]["Image"], self.time,
-                               int(code) if code is not None else None,
-                               {"name": name, **attributes})
-        for subscription in list(self.subscribers):
-            subscription.on_event(event)
+        self.publish(ContainerEvent(action, c["Id"], name, c["Config"]["Image"], self.tick(),
+                                    int(code) if code is not None else None,
+                                    {"name": name, **attributes}))
 
 
 class Engine:
