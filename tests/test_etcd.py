@@ -319,6 +319,24 @@ def test_events_seen_before_are_not_delivered_twice() -> None:
     assert [x.pattern for x in got] == ["myorg/a", "myorg/b", "myorg/c"]
 
 
+def test_a_write_applied_twice_is_delivered_once(logged: list[dict[str, Any]]) -> None:
+    rig = make_rig()
+    _, got = rig.watch()
+    assert rig.fake.open_watches[0].prev_kv, "the watch asks for previous values"
+    written = rig.etcd.layout.value(u("myorg/a", event_id="ev-1"))
+    rig.fake.put(b"/deployer/myorg/a", written)
+    rig.fake.put(b"/deployer/myorg/a", written)  # the retry, applied as well
+    rig.fake.put(b"/deployer/myorg/b", b"anything")
+    rig.fake.put(b"/deployer/myorg/b", b"anything")  # an operator triggers twice
+    rig.fake.put(b"/deployer/myorg/a", rig.etcd.layout.value(u("myorg/a", received=2.0)))
+    rig.flush()
+    assert [(x.pattern, x.received) for x in got[:1]] == [("myorg/a", 1.0)]
+    assert [x.pattern for x in got] == ["myorg/a", "myorg/b", "myorg/b", "myorg/a"]
+    assert got[-1].received == 2.0
+    (repeat,) = [e for e in logged if "a write applied twice" in e.get("log_format", "")]
+    assert repeat["key"] == "/deployer/myorg/a"
+
+
 def test_progress_notifications_advance_the_revision() -> None:
     rig = make_rig()
     service, _ = rig.watch()

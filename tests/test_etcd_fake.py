@@ -57,8 +57,10 @@ def test_a_lease_expires_on_the_clock_unless_kept_alive(rig: Rig) -> None:
     assert b"/deployer/_/host/a" not in rig.fake.kvs
     assert request(rig, "/v3/lease/timetolive", {"ID": lease})["TTL"] == "-1"
     revision, events = rig.fake.history[-1]
-    assert events == [{"type": "DELETE", "kv": {"key": b64(b"/deployer/_/host/a"),
-                                                 "mod_revision": str(revision)}}]
+    (expired,) = events
+    assert expired["type"] == "DELETE"
+    assert expired["kv"] == {"key": b64(b"/deployer/_/host/a"), "mod_revision": str(revision)}
+    assert expired["prev_kv"]["lease"] == str(lease), "what a watch asking for it is sent"
     assert service.revision == revision, "the watch saw the expiry"
 
 

@@ -68,10 +68,13 @@ class Client:
         answer = await self.post("/v3/kv/range", self.everything())
         return [unb64(kv["key"])[len(self.prefix):].decode() for kv in answer.get("kvs", [])]
 
-    async def watch(self, start_revision: int = 0, progress: bool = False) -> Stream:
+    async def watch(self, start_revision: int = 0, progress: bool = False,
+                    prev_kv: bool = False) -> Stream:
         create: dict[str, Any] = {**self.everything(), "start_revision": start_revision}
         if progress:
             create["progress_notify"] = True
+        if prev_kv:
+            create["prev_kv"] = True
         stream = Stream(self.prefix)
         self.streams.append(stream)
         await self.etcd.gateway.open_stream(self.url, "/v3/watch", {"create_request": create},
@@ -363,6 +366,29 @@ async def test_watch_stream(client: Client) -> None:
     replay = await client.watch(start_revision=before)
     await wait_for(lambda: len(replay.events()) == 4, what="the replayed history")
     assert replay.events() == stream.events()
+
+
+@pytest_twisted.ensureDeferred
+async def test_watch_with_previous_values(client: Client) -> None:
+    first = await client.put("a", b"1")
+    plain = await client.watch(start_revision=first + 1)
+    stream = await client.watch(start_revision=first + 1, prev_kv=True)
+    again = await client.put("a", b"1")
+    await client.put("fresh", b"2")
+    gone = (await client.post("/v3/kv/deleterange", {"key": b64(client.key("a"))}))
+    await wait_for(lambda: len(stream.events()) == 3 and len(plain.events()) == 3,
+                   what="the events")
+    events = [e for r in stream.results for e in r.get("events", [])]
+    repeat, fresh, delete = events
+    assert repeat["kv"]["value"] == repeat["prev_kv"]["value"] == b64(b"1")
+    assert repeat["prev_kv"]["mod_revision"] == str(first)
+    assert int(repeat["kv"]["mod_revision"]) == again
+    assert repeat["kv"]["version"] == "2" and repeat["prev_kv"]["version"] == "1"
+    assert "prev_kv" not in fresh, "a new key has no previous value"
+    assert delete["type"] == "DELETE" and delete["prev_kv"]["value"] == b64(b"1")
+    assert int(delete["kv"]["mod_revision"]) == int(gone["header"]["revision"])
+    assert all("prev_kv" not in e for r in plain.results for e in r.get("events", [])), \
+        "only a watch that asks is sent previous values"
 
 
 @pytest_twisted.ensureDeferred

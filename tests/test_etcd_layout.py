@@ -125,3 +125,21 @@ def test_state_keys_are_reserved() -> None:
     key = layout.state("lock", "host1")
     assert key == b"/deployer/_/lock/host1"
     assert layout.decode(key, b"x", now=1.0) is None
+
+
+def test_the_same_update_written_again_is_a_repeat() -> None:
+    layout = KeyLayout("/deployer")
+    one = Update(repository="myorg/foo", tag="qa", source="registry", received=5.0,
+                 event_id="ev-1")
+    key, value = layout.key(one), layout.value(one)
+    assert layout.repeated(key, value, value)
+    # Not a repeat: a new key, another update of the same tag, an operator's value put twice,
+    # a value for another repository, reserved and invalid keys.
+    assert not layout.repeated(key, value, None)
+    later = layout.value(one.evolve(received=6.0, event_id="ev-2"))
+    assert not layout.repeated(key, later, value)
+    assert not layout.repeated(key, b"anything", b"anything")
+    other = layout.value(Update(repository="myorg/bar", source="test", received=5.0))
+    assert not layout.repeated(key, other, other)
+    assert not layout.repeated(layout.state("builds", "myorg/foo"), value, value)
+    assert not layout.repeated(b"/deployer/Bad Key", value, value)

@@ -145,6 +145,31 @@ async def test_etcdctl_put_deploys_and_del_does_not(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_write_applied_twice_deploys_once(
+    etcd: EtcdMember, etcd_prefix: str, clients: Clients
+) -> None:
+    writer = clients.etcd([etcd.client_url], etcd_prefix)
+    got = Collector()
+    watch = clients.watch(clients.etcd([etcd.client_url], etcd_prefix), got)
+    await wait_for(lambda: watch.live)
+    sent = update("myorg/foo", "qa", event_id="ev-1")
+    await writer.record(sent)
+    # The same write again, as a member that answered too late applies it after the retry.
+    await writer.record(sent)
+    url, key = etcd.client_url, writer.key_for(sent)
+    # An operator's value put twice triggers twice, as with the Go original.
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/bar", "anything")
+    await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/bar", "anything")
+    newer = sent.evolve(received=sent.received + 1, event_id="ev-2")
+    await writer.record(newer)
+    await wait_for(lambda: len(got.updates) == 4)
+    assert got.updates == [sent, got.updates[1], got.updates[2], newer]
+    assert [u.pattern for u in got.updates[1:3]] == ["myorg/bar", "myorg/bar"]
+    (stored,) = json.loads(etcdctl(url, "get", key, "-w", "json"))["kvs"]
+    assert stored["version"] == 3, "the key was written three times"
+
+
+@pytest_twisted.ensureDeferred
 async def test_catch_up_delivers_recorded_keys_once_at_start(
     etcd: EtcdMember, etcd_prefix: str, clients: Clients
 ) -> None:

@@ -18,8 +18,11 @@ runs, the liveness check (:mod:`deployer.etcd.liveness`) moves the member in use
 that stopped answering, so that later transactions go to the next member at once.
 
 A write that failed or timed out may still have been applied, and a write retried on another
-member may be applied twice: writes are at least once (a trigger written twice deploys once
-more, which a round makes harmless).
+member may be applied twice: writes are at least once. The watch does not deliver a repeat that
+follows the first at once (same key, same value: :meth:`deployer.etcd.layout.KeyLayout.repeated`);
+one applied after a newer write to the same key is an older update, which a host skips when it
+knows a newer build of its tag (:mod:`deployer.freshness`) and otherwise deploys by tag, which
+pulls the registry's current build.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@
     update's own time (``received``: the sender's time of the event where it gave one), by
     which every host knows an update written before one it applied (never backwards,
     :mod:`deployer.freshness`). A key whose pattern is not a valid Docker reference is refused
-    (:class:`InvalidKey`). A DELETE deploys nothing.
+    (:class:`InvalidKey`). A DELETE deploys nothing. A PUT of the very value the key already
+held, when that value is one :meth:`KeyLayout.value` writes, is the same update written twice
+(a write retried on another member after the first one was applied late): it deploys nothing
+again (:meth:`KeyLayout.repeated`); an operator's value written twice deploys twice.
 
 ``<prefix>/_/...``
     Reserved for daemon state that must never trigger a deploy (leases, rollout slots, host
@@ -96,6 +99,18 @@ class KeyLayout:
             except InvalidReference as e:
                 raise InvalidKey(f"key {key!r}: {e}") from e
         return _from_value(bare, value) or bare
+
+
+    def repeated(self, key: bytes, value: bytes, previous: bytes | None) -> bool:
+        """True when a PUT of ``key`` = ``value`` over ``previous`` (None: the key was new)
+        writes again the very update the key held (see the module docstring)."""
+        if previous != value:
+            return False
+        try:
+            bare = self.decode(key, b"", 0.0)
+        except InvalidKey:
+            return False
+        return bare is not None and _from_value(bare, value) is not None
 
 
 def _from_value(bare: Update, value: bytes) -> Update | None:

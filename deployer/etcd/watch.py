@@ -1,5 +1,9 @@
 """The watch: every update recorded under the prefix, delivered to a callback, once.
 
+A write applied twice (retried on another member after the first one was applied late) puts
+the same value again: the watch asks etcd for each key's previous value and does not deliver
+such a repeat (:meth:`~deployer.etcd.layout.KeyLayout.repeated`).
+
 :class:`WatchService` reads every key under the prefix when it starts and hands each recorded
 pattern to its callback once (the Go original's catch-up), then watches from the revision after
 that read. After any interruption it resumes from the last revision it processed plus one, so
@@ -228,6 +232,7 @@ class WatchService(LoopService):
         create = self._layout.watched()._marshal()
         create["start_revision"] = self.revision + 1
         create["progress_notify"] = True
+        create["prev_kv"] = True  # to tell a write applied twice (KeyLayout.repeated)
         try:
             await self._gateway.open_stream(url, "/v3/watch", {"create_request": create}, reader)
             await reader.done
@@ -289,8 +294,19 @@ class WatchService(LoopService):
                 if revision <= floor:
                     continue
                 newest = max(newest, revision)
-                if event.get("type", "PUT") == "PUT":
-                    self._deliver(kv)
+                if event.get("type", "PUT") != "PUT":
+                    continue
+                previous = event.get("prev_kv")
+                if previous is not None and self._layout.repeated(
+                    kv.key, kv.value or b"", KeyValue._parse(previous).value or b""
+                ):
+                    self.log.info(
+                        "{key} at revision {revision} holds the update it held already"
+                        " (a write applied twice): not delivered again",
+                        key=kv.key.decode("utf-8", "replace"), revision=revision,
+                    )
+                    continue
+                self._deliver(kv)
             self.revision = newest
         else:
             # A progress notification: etcd sends it only to a watcher that has been sent every

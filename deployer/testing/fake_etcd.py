@@ -219,7 +219,7 @@ class FakeEtcd(EtcdStore, Resource):
             self.send_events(w, events)
 
     def send_events(self, w: FakeWatch, events: Events) -> None:
-        mine = [e for e in events if w.covers(unb64(e["kv"]["key"]))]
+        mine = [w.shown(e) for e in events if w.covers(unb64(e["kv"]["key"]))]
         if mine:
             w.send({"result": {"header": self.header(), "events": mine}})
 
@@ -229,6 +229,7 @@ class FakeEtcd(EtcdStore, Resource):
             raise GatewayError(INVALID_ARGUMENT, "the fake etcd serves only create_request")
         w = FakeWatch(request, member, unb64(create.get("key")), unb64(create.get("range_end")),
                       as_int(create.get("start_revision")), self.silent.__contains__)
+        w.prev_kv = create.get("prev_kv") is True
         request.notifyFinish().addBoth(lambda _: w.closed())
         self.watches.append(w)
         w.send({"result": {"header": self.header(), "created": True}})

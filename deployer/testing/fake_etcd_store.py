@@ -195,7 +195,10 @@ class EtcdStore:
         self.kvs[key] = kv
         if lease:
             self.leases[lease].keys.add(key)
-        events.append({"kv": kv.to_json()})
+        event: dict[str, Any] = {"kv": kv.to_json()}
+        if old is not None:
+            event["prev_kv"] = old.to_json()
+        events.append(event)
 
     def _remove(self, start: bytes, end: bytes, events: Events) -> int:
         keys = [key for key in sorted(self.kvs) if in_range(key, start, end)]
@@ -204,7 +207,8 @@ class EtcdStore:
             if old.lease in self.leases:
                 self.leases[old.lease].keys.discard(key)
             events.append({"type": "DELETE",
-                           "kv": {"key": b64(key), "mod_revision": str(self.revision + 1)}})
+                           "kv": {"key": b64(key), "mod_revision": str(self.revision + 1)},
+                           "prev_kv": old.to_json()})
         return len(keys)
 
     def _publish(self, events: Events) -> None:

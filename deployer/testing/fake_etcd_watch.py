@@ -28,9 +28,16 @@ class FakeWatch:
     open: bool = True
     backlog: list[dict[str, Any]] = attrs.Factory(list)
     timer: IDelayedCall | None = None
+    prev_kv: bool = False
 
     def covers(self, key: bytes) -> bool:
         return in_range(key, self.key, self.range_end)
+
+    def shown(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` as this watch is sent it: with the key's previous value only if asked."""
+        if self.prev_kv or "prev_kv" not in event:
+            return event
+        return {field: value for field, value in event.items() if field != "prev_kv"}
 
     def send(self, message: dict[str, Any]) -> None:
         if self.open and self.frozen(self.member):
