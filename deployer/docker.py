@@ -395,6 +395,11 @@ class DockerClient:
         path = f"/containers/{quote(container_id, safe='')}/rename"
         await self._typed(ContainerNotFound, "POST", path, params={"name": name})
 
+    async def set_restart_policy(self, container_id: str, policy: Mapping[str, Any]) -> None:
+        """Change a container's ``RestartPolicy`` (``{"Name": "no"}``...), nothing else."""
+        path = f"/containers/{quote(container_id, safe='')}/update"
+        await self._typed(ContainerNotFound, "POST", path, body={"RestartPolicy": dict(policy)})
+
     async def remove(self, container_id: str, force: bool = False) -> None:
         path = f"/containers/{quote(container_id, safe='')}"
         await self._typed(ContainerNotFound, "DELETE", path,

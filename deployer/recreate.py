@@ -8,7 +8,9 @@ be undone:
    cannot be re-created safely;
 2. create the new container under a temporary name (``<name>-deployer-new-<old short id>``) and
    connect it to the old one's other networks; any error here leaves the old one as it was;
-3. stop the old one (its own ``--stop-timeout``, else ``--kill_timeout``) and rename it
+3. set the old one's restart policy to ``no`` if it is ``always`` or ``on-failure`` (a dockerd
+   restarting meanwhile would start it again, next to its replacement), stop it (its own
+   ``--stop-timeout``, else ``--kill_timeout``) and rename it
    ``<name>-deployer-old-<short id>``: it is kept until its replacement is ready;
 4. rename the new one to ``<name>`` and start it;
 5. wait until it is ready (:func:`deployer.readiness.wait_ready`: healthy if it has a health
@@ -16,9 +18,10 @@ be undone:
 6. remove the old one (its volumes stay: the new one uses them).
 
 When any step fails, or the new container is not ready: the new one is removed, the old one gets
-its name back and is started again, and :meth:`RecreateReplacer.replace` answers
-:class:`~deployer.readiness.NotReady`. A container that was not replaced successfully is never
-removed. :meth:`RecreateReplacer.roll_back` then points the app's tag back at the previous image.
+its name and its restart policy back and is started again, and
+:meth:`RecreateReplacer.replace` answers :class:`~deployer.readiness.NotReady`. A container that
+was not replaced successfully is never removed. :meth:`RecreateReplacer.roll_back` then points
+the app's tag back at the previous image.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from deployer.replace import Replacement
 log = Logger()
 
 _BUILTIN_MODES = frozenset({"", "default", "bridge", "host", "none"})
+NO_RESTART = {"Name": "no", "MaximumRetryCount": 0}
+RESTARTED_WHEN_STOPPED = frozenset({"always", "on-failure"})
 NEW_SUFFIX = "-deployer-new-"
 OLD_SUFFIX = "-deployer-old-"
 
@@ -78,18 +83,28 @@ class RecreateEngine(Protocol):
     def rename(self, container_id: str, name: str) -> Awaitable[None]: ...
     def start(self, container_id: str) -> Awaitable[None]: ...
     def remove(self, container_id: str, force: bool = False) -> Awaitable[None]: ...
+    def set_restart_policy(self, container_id: str,
+                           policy: Mapping[str, Any]) -> Awaitable[None]: ...
     def tag(self, image: str, repository: str, tag: str) -> Awaitable[None]: ...
 
 
 @attrs.frozen
 class Plan:
-    """One re-creation: the old container's ``old_id`` and ``stop_timeout``, the ``spec`` of the
-    new one, and the temporary names."""
+    """One re-creation: the old container's ``old_id``, ``stop_timeout`` and
+    ``restart_policy``, the ``spec`` of the new one, and the temporary names."""
 
     replacement: Replacement
     old_id: str
     stop_timeout: int
     spec: ContainerSpec
+    restart_policy: Mapping[str, Any] = attrs.Factory(dict)
+
+    @property
+    def restarts(self) -> bool:
+        """Whether dockerd, were it to restart, would start the old container again although it
+        was stopped by hand (``always``; ``on-failure`` after a non-zero exit): its policy is
+        set aside while it is stopped. ``unless-stopped`` is not."""
+        return self.restart_policy.get("Name") in RESTARTED_WHEN_STOPPED
 
     @property
     def name(self) -> str:
@@ -111,6 +126,7 @@ class _Done:
 
     created: bool = False
     new_id: str | None = None
+    policy_cleared: bool = False
     stopped: bool = False
     renamed: bool = False
     step: str = "create"
@@ -245,12 +261,14 @@ class RecreateReplacer:
         spec = container_spec(old, image, inherited=inherited)
         await self._check_networks(spec)
         timeout = (old.get("Config") or {}).get("StopTimeout")
+        policy = (old.get("HostConfig") or {}).get("RestartPolicy")
         return Plan(
             replacement=replacement,
             old_id=str(old.get("Id") or replacement.container.id),
             stop_timeout=int(timeout) if isinstance(timeout, int) and timeout >= 0
             else self.kill_timeout,
             spec=spec,
+            restart_policy=dict(policy) if isinstance(policy, Mapping) else {},
         )
 
     async def _check_networks(self, spec: ContainerSpec) -> None:
@@ -286,6 +304,10 @@ class RecreateReplacer:
         for network, endpoint in spec.connects:
             await self._step(done, f"connect to network {network}", no_replacement,
                              engine.connect(network, new_id, endpoint))
+        if plan.restarts:
+            done.policy_cleared = True
+            await self._step(done, "set the old container's restart policy to no",
+                             no_replacement, engine.set_restart_policy(plan.old_id, NO_RESTART))
         done.stopped = True
         await self._step(done, "stop the old container", no_replacement,
                          engine.stop(plan.old_id, plan.stop_timeout))
@@ -317,8 +339,9 @@ class RecreateReplacer:
             await self.engine.remove(plan.old_id)
         except DockerError as e:
             log.warn("{name}: the previous container {old_name} ({old}) could not be removed"
-                     " ({why}); it stays, stopped", name=plan.name, old_name=plan.old_name,
-                     old=plan.old_id[:12], why=e)
+                     " ({why}); it stays, stopped{policy}", name=plan.name,
+                     old_name=plan.old_name, old=plan.old_id[:12], why=e,
+                     policy=", with restart policy no" if plan.restarts else "")
 
     async def _undo(self, plan: Plan, done: _Done) -> None:
         """Remove the new container, give the old one its name back and start it; each step is
@@ -331,14 +354,20 @@ class RecreateReplacer:
         if done.renamed:
             problems += await _attempt(f"rename {plan.old_name} back to {plan.name}",
                                        self._name_back(plan))
+        if done.policy_cleared:
+            problems += await _attempt(
+                f"give {plan.name} its restart policy {plan.restart_policy.get('Name')} back",
+                engine.set_restart_policy(plan.old_id, plan.restart_policy))
         if done.stopped:
             problems += await _attempt(f"start {plan.name} again", engine.start(plan.old_id))
         if problems:
+            policy = (f" docker update --restart {plan.restart_policy.get('Name')} {plan.name};"
+                      if done.policy_cleared else "")
             log.critical(
                 "{name}: could not put the previous container {old} back: {problems}. By hand:"
-                " docker rm -f {new}; docker rename {old} {name}; docker start {name}",
+                " docker rm -f {new}; docker rename {old} {name};{policy} docker start {name}",
                 name=plan.name, old=plan.old_id[:12], problems="; ".join(problems),
-                new=(done.new_id or plan.new_name)[:12])
+                new=(done.new_id or plan.new_name)[:12], policy=policy)
         elif done.stopped:
             log.info("{name}: the previous container {old} runs again", name=plan.name,
                      old=plan.old_id[:12])

@@ -43,7 +43,8 @@ NEW_IMAGE = "sha256:" + "2" * 64
 OLDER_IMAGE = "sha256:" + "0" * 64
 APP = "127.0.0.1:5000/app:qa"
 RULES = ReadyRules(min_ready=5.0, ready_timeout=60.0)
-MUTATING = ("create", "connect", "stop", "rename", "start", "remove", "tag")
+MUTATING = ("create", "connect", "set_restart_policy", "stop", "rename", "start", "remove",
+            "tag")
 
 
 class Events(FakeEventSource):
@@ -190,6 +191,10 @@ class Engine:
         del self.containers[c["Id"]]
         self.events.emit("destroy", c)
 
+    async def set_restart_policy(self, container_id: str, policy: Mapping[str, Any]) -> None:
+        self._call("set_restart_policy", container_id, dict(policy))
+        self.find(container_id)["HostConfig"]["RestartPolicy"] = dict(policy)
+
     async def tag(self, image: str, repository: str, tag: str) -> None:
         self._call("tag", image, repository, tag)
         self.tags[f"{repository}:{tag}"] = image
@@ -300,6 +305,71 @@ def test_the_old_one_is_kept_when_it_cannot_be_removed(h: Host) -> None:
     assert isinstance(outcome(d), Ready)
     assert f"web-deployer-old-{h.old_id[:12]}" in h.engine.named()
     assert any("could not be removed" in str(e.get("log_format")) for e in events)
+
+
+@pytest.mark.parametrize("policy", [{"Name": "always", "MaximumRetryCount": 0},
+                                    {"Name": "on-failure", "MaximumRetryCount": 3}])
+def test_a_policy_that_restarts_stopped_containers_is_set_aside_while_replaced(
+    h: Host, policy: dict[str, Any],
+) -> None:
+    h.old["HostConfig"]["RestartPolicy"] = policy
+    d = h.replace()
+    new = h.new_id()
+    assert [_describe(h, c) for c in h.engine.mutations()] == [
+        "create new", "connect new", "set_restart_policy old", "stop old", "rename old",
+        "rename new", "start new"]
+    assert ("set_restart_policy", h.old_id, {"Name": "no", "MaximumRetryCount": 0}) in \
+        h.engine.calls
+    assert h.old["HostConfig"]["RestartPolicy"]["Name"] == "no", "while it waits, stopped"
+    assert h.engine.find(new)["HostConfig"]["RestartPolicy"] == policy, "the new one keeps it"
+    h.clock.advance(RULES.min_ready)
+    assert isinstance(outcome(d), Ready)
+    assert h.engine.calls[-1] == ("remove", h.old_id, False)
+
+
+def test_unless_stopped_is_left_as_it_is(h: Host) -> None:
+    assert h.old["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    h.replace()
+    assert [c for c in h.engine.calls if c[0] == "set_restart_policy"] == []
+
+
+@pytest.mark.parametrize("method", ["set_restart_policy", "stop", "start"])
+def test_the_policy_set_aside_is_given_back_when_the_old_one_is_put_back(
+    h: Host, method: str,
+) -> None:
+    always = {"Name": "always", "MaximumRetryCount": 0}
+    h.old["HostConfig"]["RestartPolicy"] = dict(always)
+    h.engine.failing[method] = DockerError(f"{method} went wrong", 500)
+    with capturedLogs():
+        result = outcome(h.replace())
+    assert isinstance(result, NotReady) and f"{method} went wrong" in result.detail
+    h.put_back()
+    assert h.old["HostConfig"]["RestartPolicy"] == always
+    assert ("set_restart_policy", h.old_id, always) in h.engine.calls
+
+
+def test_the_old_one_kept_after_a_failed_removal_keeps_no_restart_policy(h: Host) -> None:
+    h.old["HostConfig"]["RestartPolicy"] = {"Name": "always", "MaximumRetryCount": 0}
+    h.engine.failing["remove"] = DockerError("removal of container is already in progress", 409)
+    d = h.replace()
+    with capturedLogs() as events:
+        h.clock.advance(RULES.min_ready)
+    assert isinstance(outcome(d), Ready)
+    assert h.old["HostConfig"]["RestartPolicy"]["Name"] == "no"
+    assert not h.old["State"]["Running"]
+    (warning,) = [e for e in events if "could not be removed" in str(e.get("log_format"))]
+    assert warning["policy"] == ", with restart policy no"
+
+
+def test_the_instructions_by_hand_give_the_policy_back(h: Host) -> None:
+    h.old["HostConfig"]["RestartPolicy"] = {"Name": "always", "MaximumRetryCount": 0}
+    d = h.replace()
+    h.engine.down = True
+    with capturedLogs() as events:
+        h.events.emit("die", h.engine.find(h.new_id()), exitCode="1")
+        outcome(d)
+    (critical,) = [e for e in events if e["log_level"] is LogLevel.critical]
+    assert critical["policy"] == " docker update --restart always web;"
 
 
 # -- failures at each step: the old container is put back -----------------------------------------

@@ -123,6 +123,24 @@ def host_config(given: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+RESTART_POLICIES = ("", "no", "always", "unless-stopped", "on-failure")
+
+
+def restart_policy(given: Any) -> dict[str, Any]:
+    """A ``RestartPolicy`` that ``POST /containers/{id}/update`` accepts, as the engine keeps it;
+    :class:`ApiError` 400 with dockerd's message otherwise."""
+    policy = given if isinstance(given, Mapping) else {}
+    name = str(policy.get("Name") or "")
+    most = int(policy.get("MaximumRetryCount") or 0)
+    if name not in RESTART_POLICIES:
+        raise ApiError(400, f"invalid restart policy '{name}'")
+    if most and name != "on-failure":
+        raise ApiError(400, f"maximum retry count cannot be used with restart policy '{name}'")
+    if most < 0:
+        raise ApiError(400, "maximum retry count cannot be negative")
+    return {"Name": name, "MaximumRetryCount": most}
+
+
 def endpoint(given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return {**copy.deepcopy(dict(ENDPOINT)), **copy.deepcopy(dict(given or {}))}
 

@@ -423,6 +423,11 @@ class MemoryDocker(EngineState):
         self.rename_container(name, _arg(request, "name") or "")
         return _empty(request, 204)
 
+    @_api("/containers/<name>/update", "POST")
+    def _update(self, request: IRequest, name: str) -> bytes:
+        self.update_container(name, _body(request))
+        return _json(request, {"Warnings": None})
+
     @_api("/containers/<name>", "DELETE")
     def _remove(self, request: IRequest, name: str) -> bytes:
         self.remove_container(name, force=_flag(request, "force"))

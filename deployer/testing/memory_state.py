@@ -36,6 +36,7 @@ from deployer.testing.memory_containers import (
     container_config,
     endpoints,
     host_config,
+    restart_policy,
 )
 from deployer.testing.memory_events import EventLog
 from deployer.testing.memory_health import Behaviour, Healthcheck, HealthState
@@ -360,6 +361,22 @@ class EngineState(RegistryState, NetworkOps):
             raise name_conflict(name, holder.id, prefix)
         old, container.name = container.name, name
         self.container_event(container, "rename", oldName="/" + old)
+
+    def update_container(self, ref: str, body: Mapping[str, Any]) -> None:
+        """``POST /containers/{id}/update``: only its ``RestartPolicy`` (the double keeps no
+        resource limits, so it refuses any other field rather than ignore it)."""
+        container = self._get(ref)
+        others = sorted(set(body) - {"RestartPolicy"})
+        if others:
+            raise ApiError(400, f"MemoryDocker updates only RestartPolicy, not {others}")
+        if "RestartPolicy" in body:
+            policy = restart_policy(body["RestartPolicy"])
+            if container.host_config.get("AutoRemove") and policy["Name"] not in ("", "no"):
+                raise ApiError(409, f"Cannot update container {container.id}: Restart policy"
+                                    " cannot be updated because AutoRemove is enabled for the"
+                                    " container")
+            container.host_config["RestartPolicy"] = policy
+        self.container_event(container, "update")
 
     # -- test helpers ---------------------------------------------------------------------------
 
