@@ -1193,6 +1193,15 @@ def _lifecycle(api: Callable[..., tuple[int, bytes]], repo: str, tag: str) -> An
                               {"Image": f"{repo}:qa"})
     out["start"] = api("POST", f"/v1.41/containers/{c1}/start")
     out["start again"] = api("POST", f"/v1.41/containers/{c1}/start")
+    update = f"/v1.41/containers/{c1}/update"
+    out["update"] = api("POST", update, {"RestartPolicy": {"Name": "always"}})
+    out["inspect updated"] = api("GET", f"/v1.41/containers/{c1}/json")
+    out["update bad policy"] = api("POST", update, {"RestartPolicy": {"Name": "sometimes"}})
+    out["update retries"] = api("POST", update, {"RestartPolicy": {
+        "Name": "always", "MaximumRetryCount": 3}})
+    out["update unknown"] = api("POST", f"/v1.41/containers/{tag}-none/update",
+                                {"RestartPolicy": {"Name": "no"}})
+    out["update back"] = api("POST", update, {"RestartPolicy": {"Name": "unless-stopped"}})
     out["rename"] = api("POST", f"/v1.41/containers/{c1}/rename?name={c1}x")
     out["connect"] = api("POST", f"/v1.41/networks/{other}/connect",
                          {"Container": f"{c1}x", "EndpointConfig": {"Aliases": ["api"]}})

@@ -6,17 +6,20 @@ cannot re-create."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
 
 from deployer.backoff import backoff
 from deployer.docker import Container, DockerClient
 from deployer.engine_address import engine_agent, engine_pool
-from deployer.events import EngineEvents
+from deployer.events import EngineEvents, since_param
 from deployer.readiness import NotReady, NotReadyReason, Ready, ReadyRules
 from deployer.recreate import RecreateReplacer
 from deployer.replace import Replacement
@@ -327,3 +330,61 @@ def _health(host: Host, name: str) -> str | None:
         return None
     return str((state["State"].get("Health") or {}).get("Status"))
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dockerd_restart_mid_swap_does_not_start_the_old_container_again(
+    dockerd_factory: Callable[..., Dockerd],
+) -> None:
+    """dockerd starts a ``--restart always`` container when it starts, even one stopped by hand:
+    while the old container waits, stopped, for its replacement to be ready, its policy is set
+    aside, so a dockerd that restarts in the middle of the swap leaves it stopped (never two
+    builds of the app running side by side), and the swap ends with one container running, with
+    the policy it had."""
+    engine: Dockerd = await threads.deferToThread(dockerd_factory)
+    host = Host(engine)
+    host.replacer.rules = ReadyRules(min_ready=4.0, ready_timeout=20.0)
+    host.events.startService()
+    try:
+        app, name = f"{unique('app')}:qa", unique("web")
+        await host.build(build_image, app, "v1")
+        await host.cli("run", "-d", "--name", name, "--restart", "always", app)
+        old_id = host.inspect(name)["Id"]
+        old_name = f"{name}-deployer-old-{old_id[:12]}"
+        v2 = await host.build(build_image, app, "v2")
+        swap = Deferred.fromCoroutine(
+            host.replacer.replace(await host.replacement(name, app, v2)))
+
+        def swapping() -> bool:
+            new = engine.inspect(name)
+            return new is not None and new["Image"] == v2 and new["State"]["Running"]
+
+        await threads.deferToThread(wait_until, swapping, 20, f"{name} on the new build")
+        assert not swap.called
+        waiting = host.inspect(old_name)
+        assert not waiting["State"]["Running"]
+        assert waiting["HostConfig"]["RestartPolicy"]["Name"] == "no"
+
+        restarted = time.time_ns()
+        # The reactor is held while dockerd restarts (as if this host were busy): the replacer
+        # learns of the new container's end only once dockerd has started what it restarts.
+        engine.restart()
+        with capturedLogs():
+            await swap
+        status, body = engine.api("GET", f"/v1.41/events?since={since_param(restarted)}&until="
+                                         f"{since_param(time.time_ns())}")
+        assert status == 200
+        events = [json.loads(line) for line in body.splitlines()]
+        starts = [e["Actor"]["Attributes"]["name"] for e in events
+                  if e["Action"] == "start" and e["Actor"]["ID"] == old_id]
+        assert old_name not in starts, "dockerd started the old container next to its successor"
+
+        def alone() -> bool:
+            found = engine.inspect(name)
+            return found is not None and engine.container_ids() == [found["Id"]]
+
+        await threads.deferToThread(wait_until, alone, 20, f"{name} alone running")
+        assert host.inspect(name)["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    finally:
+        await host.events.stopService()
+        await host.client.close()
