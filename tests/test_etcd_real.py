@@ -303,8 +303,9 @@ async def test_cluster_member_in_use_dies(
     # after the kill needs no election.
     order = [cluster.urls[follower], cluster.urls[leader], cluster.urls[other]]
     writer = clients.etcd(order, etcd_prefix)
-    # The watch waits 0.5-1 s before it moves, so that u2 below is written while it is down.
-    reader = clients.etcd(order, etcd_prefix, retry_delay=1.0)
+    # The watch waits 1-2 s before it moves, so that u2 below (a failover and one commit) is
+    # written while it is down.
+    reader = clients.etcd(order, etcd_prefix, retry_delay=2.0)
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)
@@ -319,6 +320,7 @@ async def test_cluster_member_in_use_dies(
         await wait_for(lambda: len(got.updates) == 1)
         assert reader.members.current == writer.members.current == 0
 
+        await in_thread(cluster.keep_leader_off, follower)  # or u2 would wait for an election
         await in_thread(cluster.members[follower].stop, signal.SIGKILL)
         u2 = update("myorg/two")
         revision = await writer.record(u2)  # written while the watch moves
