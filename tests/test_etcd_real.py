@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 
 from deployer.errors import EtcdUnavailable
 from deployer.etcd import Etcd, EtcdConfig, WatchService
+from deployer.etcd.watch import MAX_BACKOFF
 from deployer.model import Update
 from tests.stack.etcd_stack import (
     EtcdCluster,
@@ -57,10 +58,12 @@ class Clients:
         self.etcds: list[Etcd] = []
         self.watches: list[WatchService] = []
 
-    def etcd(self, nodes: tuple[str, ...] | list[str], prefix: str, **config: Any) -> Etcd:
+    def etcd(self, nodes: tuple[str, ...] | list[str], prefix: str,
+             max_backoff: float = MAX_BACKOFF, **config: Any) -> Etcd:
         config.setdefault("dial_timeout", 2.0)
         config.setdefault("retry_delay", 0.1)
-        etcd = Etcd(reactor, EtcdConfig(nodes=tuple(nodes), prefix=prefix, **config))
+        settings = EtcdConfig(nodes=tuple(nodes), prefix=prefix, **config)
+        etcd = Etcd(reactor, settings, max_backoff=max_backoff)
         self.etcds.append(etcd)
         return etcd
 
@@ -300,8 +303,9 @@ async def test_cluster_member_in_use_dies(
     # after the kill needs no election.
     order = [cluster.urls[follower], cluster.urls[leader], cluster.urls[other]]
     writer = clients.etcd(order, etcd_prefix)
-    # The watch waits 0.5-1 s before it moves, so that u2 below is written while it is down.
-    reader = clients.etcd(order, etcd_prefix, retry_delay=1.0)
+    # The watch waits 1-2 s before it moves, so that u2 below (a failover and one commit) is
+    # written while it is down.
+    reader = clients.etcd(order, etcd_prefix, retry_delay=2.0)
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)
@@ -316,6 +320,7 @@ async def test_cluster_member_in_use_dies(
         await wait_for(lambda: len(got.updates) == 1)
         assert reader.members.current == writer.members.current == 0
 
+        await in_thread(cluster.keep_leader_off, follower)  # or u2 would wait for an election
         await in_thread(cluster.members[follower].stop, signal.SIGKILL)
         u2 = update("myorg/two")
         revision = await writer.record(u2)  # written while the watch moves
@@ -340,10 +345,16 @@ async def test_cluster_member_in_use_dies(
 
 @pytest_twisted.ensureDeferred
 async def test_single_member_restart_while_watch_backs_off(
-    etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, clients: Clients
+    etcd_cluster: Callable[..., EtcdCluster],
+    etcd_prefix: str,
+    clients: Clients,
+    tcp_proxy: Callable[..., TCPProxy],
 ) -> None:
     (member,) = (await in_thread(etcd_cluster, 1)).members
-    reader = clients.etcd([member.client_url], etcd_prefix, retry_delay=0.5)
+    # The watch reaches the member through a proxy, which turns its retries away until the
+    # write below is acknowledged, however fast the member restarts.
+    proxy = tcp_proxy(member.client_url, byte_by_byte=False)
+    reader = clients.etcd([proxy.url], etcd_prefix, retry_delay=0.2, max_backoff=1.0)
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)
@@ -351,12 +362,14 @@ async def test_single_member_restart_while_watch_backs_off(
     await wait_for(lambda: len(got.updates) == 1)
 
     await in_thread(member.stop, signal.SIGTERM)
-    # Two failed retries: the next backoff is 1-2 s, longer than a restart takes.
-    await wait_for(lambda: not watch.live and watch.reconnects >= 2, what="two failed retries")
+    await wait_for(lambda: not watch.live, what="the watch to see its member go")
+    proxy.block()
+    await wait_for(lambda: watch.reconnects >= 2, what="the watch to retry twice")
     await in_thread(member.start)
     await in_thread(member.wait_ready)
     await in_thread(etcdctl, member.client_url, "put", f"{etcd_prefix}/myorg/after", "x")
-    assert not watch.live, "the watch reconnected before the write; the test proves nothing"
+    assert not watch.live, "the watch got through the blocked proxy"
+    proxy.unblock()
 
     await wait_for(lambda: len(got.updates) == 2, what="the write made during the backoff")
     assert watch.live
@@ -376,10 +389,13 @@ async def test_progress_notifications_advance_the_resume_revision(
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)
+    # Writes outside the prefix: no event reaches the watch, only progress notifications (one
+    # may arrive at any moment, so the watch's revision is taken before the writes).
+    before = watch.revision
     for i in range(3):
         await in_thread(etcdctl, url, "put", f"/elsewhere/{i}", "x")
     revision = await in_thread(current_revision, url)
-    assert watch.revision < revision
+    assert before < revision
     await wait_for(lambda: watch.revision >= revision, timeout=5, what="a progress notification")
     assert got.updates == []
     await in_thread(etcdctl, url, "put", f"{etcd_prefix}/myorg/foo", "x")

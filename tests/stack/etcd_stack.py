@@ -252,13 +252,31 @@ class EtcdCluster:
             for member in members:
                 member.thaw()
 
-    def leader_first_follower(self) -> tuple[int, int]:
-        """The indexes of the leader and of the first member that is not the leader."""
+    def _leader(self) -> tuple[int, list[int]]:
+        """The index of the leader, and every member's id (all members must be running)."""
         status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
         by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
         ids = [by_url[url] for url in self.urls]
-        leader = ids.index(status[0]["Status"]["leader"])
+        return ids.index(status[0]["Status"]["leader"]), ids
+
+    def leader_first_follower(self) -> tuple[int, int]:
+        """The indexes of the leader and of the first member that is not the leader."""
+        leader, ids = self._leader()
         return leader, next(i for i in range(len(ids)) if i != leader)
+
+    def keep_leader_off(self, index: int, timeout: float = 10.0) -> None:
+        """Make sure member ``index`` does not lead: if it does now, hand the leadership to
+        another member. A test that stops a follower calls this right before, since on a loaded
+        machine a missed heartbeat can move the leadership at any time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader, ids = self._leader()
+            if leader != index:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.members[index].name} still leads after {timeout}s")
+            other = next(i for i in range(len(ids)) if i != index)
+            etcdctl(self.urls[leader], "move-leader", f"{ids[other]:x}")
 
 
 class TCPProxy:
