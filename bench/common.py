@@ -119,6 +119,20 @@ class Target:
     met: bool
 
 
+def within_ratio(subject: str, baseline: str, measured: Summary, floor: Summary,
+                 limit: float) -> list[Target]:
+    """The two latency targets: ``subject``'s median and p90 at most ``limit`` x those of
+    ``baseline`` (measured in the same run)."""
+    targets = []
+    for quantile in ("median", "p90"):
+        mine, theirs = getattr(measured, quantile), getattr(floor, quantile)
+        targets.append(Target(
+            f"{subject} {quantile} ≤ {limit:.2f} x {baseline} {quantile}",
+            f"{ms(mine)} ms vs {ms(theirs)} ms ({ratio(mine, theirs)})",
+            f"≤ {ms(theirs * limit)} ms", mine <= theirs * limit))
+    return targets
+
+
 @attrs.define
 class Section:
     """One benchmark's results: prose, tables, targets."""

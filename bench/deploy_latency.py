@@ -31,11 +31,11 @@ from bench.common import (
     Section,
     Summary,
     Table,
-    Target,
     dockerhub_payload,
     main_for,
     ms,
     ratio,
+    within_ratio,
     workdir,
 )
 from bench.engine_events import ContainerEvents
@@ -169,14 +169,7 @@ def _section(stats: dict[str, Summary], parts: dict[str, tuple[Summary, Summary]
         tuple(rows),
     )
     d = stats["daemon"]
-    targets = [
-        Target("daemon median ≤ 1.05 x docker CLI floor median",
-               f"{ms(d.median)} ms vs {ms(floor.median)} ms ({ratio(d.median, floor.median)})",
-               f"≤ {ms(floor.median * TARGET_RATIO)} ms", d.median <= floor.median * TARGET_RATIO),
-        Target("daemon p90 ≤ 1.05 x docker CLI floor p90",
-               f"{ms(d.p90)} ms vs {ms(floor.p90)} ms ({ratio(d.p90, floor.p90)})",
-               f"≤ {ms(floor.p90 * TARGET_RATIO)} ms", d.p90 <= floor.p90 * TARGET_RATIO),
-    ]
+    targets = within_ratio("daemon", "docker CLI floor", d, floor, TARGET_RATIO)
     notes = [
         f"Stricter floor, for information: the daemon's median is {ratio(d.median, api.median)}"
         f" the engine-API floor's ({ms(d.median)} ms vs {ms(api.median)} ms); the difference"

@@ -35,7 +35,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
 
-from bench.common import Section, Summary, Table, Target, main_for, ms, ratio, workdir
+from bench.common import (
+    Section,
+    Summary,
+    Table,
+    main_for,
+    ms,
+    ratio,
+    within_ratio,
+    workdir,
+)
 from bench.engine_events import ContainerEvents
 from tests.stack.docker_stack import Dockerd, ImageBuilder, Registry, free_port
 
@@ -218,14 +227,7 @@ def _section(stats: dict[str, Summary], pulls: dict[str, Summary], iterations: i
         tuple(rows),
     )
     d = stats["deployer"]
-    targets = [
-        Target("deployer median ≤ 1.05 x docker CLI median",
-               f"{ms(d.median)} ms vs {ms(floor.median)} ms ({ratio(d.median, floor.median)})",
-               f"≤ {ms(floor.median * TARGET_RATIO)} ms", d.median <= floor.median * TARGET_RATIO),
-        Target("deployer p90 ≤ 1.05 x docker CLI p90",
-               f"{ms(d.p90)} ms vs {ms(floor.p90)} ms ({ratio(d.p90, floor.p90)})",
-               f"≤ {ms(floor.p90 * TARGET_RATIO)} ms", d.p90 <= floor.p90 * TARGET_RATIO),
-    ]
+    targets = within_ratio("deployer", "docker CLI", d, floor, TARGET_RATIO)
     notes = [
         "The deployer's own work before the start, beyond the CLI's: one image inspect, the"
         " container list, the old container's and image's inspects, the list of every"

@@ -40,12 +40,12 @@ from bench.common import (
     Section,
     Summary,
     Table,
-    Target,
     auth_headers,
     main_for,
     ms,
     ratio,
     wait_for,
+    within_ratio,
     workdir,
 )
 from bench.engine_events import ContainerEvents
@@ -210,14 +210,7 @@ def _section(stats: dict[str, Summary], parts: dict[str, tuple[Summary, Summary,
         tuple(rows),
     )
     d = stats["deployer"]
-    targets = [
-        Target("deployer median ≤ 1.10 x docker CLI median",
-               f"{ms(d.median)} ms vs {ms(floor.median)} ms ({ratio(d.median, floor.median)})",
-               f"≤ {ms(floor.median * TARGET_RATIO)} ms", d.median <= floor.median * TARGET_RATIO),
-        Target("deployer p90 ≤ 1.10 x docker CLI p90",
-               f"{ms(d.p90)} ms vs {ms(floor.p90)} ms ({ratio(d.p90, floor.p90)})",
-               f"≤ {ms(floor.p90 * TARGET_RATIO)} ms", d.p90 <= floor.p90 * TARGET_RATIO),
-    ]
+    targets = within_ratio("deployer", "docker CLI", d, floor, TARGET_RATIO)
     notes = [
         "The deployer's own share, beyond the CLI's: the webhook written to etcd and seen by"
         " every daemon's watch, each round's image and container lists, the image inspect"
