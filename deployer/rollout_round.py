@@ -11,8 +11,11 @@ container of app ``A`` (its ``repo:tag``, familiar form) that runs an older imag
 2. ``A`` paused for another build: a new push ends that pause (``pauses.supersede``).
 3. Take a rollout slot of ``A`` (``slots.acquire``): at most ``--max_unavailable`` instances of
    ``A`` are being replaced at once across the fleet, one at a time on a host; waiters are
-   served in the order they asked. Nothing is taken down before.
-4. Paused meanwhile (the host waited while another's replacement failed)? As in 1.
+   served in the order they asked. Nothing is taken down before. While it waits, the host reads
+   ``A``'s pause every :data:`PAUSE_CHECK` seconds: paused for this very build (another host's
+   replacement failed meanwhile), it leaves the line and does as in 1 at once, rather than at
+   its turn.
+4. Paused meanwhile (between the last check and the turn)? As in 1.
 5. Replace it with the container's :class:`~deployer.replace.Replacer` (``--replace``, or its
    ``deployer.replace`` label), which waits until the replacement is ready.
 6. Not ready: pause ``A`` for this build (``<prefix>/_/paused/<A>`` in a fleet: no other host
@@ -28,12 +31,14 @@ of pauses are retried with a capped backoff while etcd does not answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.docker import Container
@@ -53,6 +58,9 @@ from deployer.rounds import Outcome, Result
 log = Logger()
 
 _T = TypeVar("_T")
+
+PAUSE_CHECK = 1.0
+"""How often, in seconds, a host waiting for a rollout slot reads its app's pause."""
 
 
 async def retry_logged(clock: IReactorTime, policy: RetryPolicy, what: str,
@@ -143,7 +151,13 @@ class Rollout:
                 log.info("a new build of {app} ({new}) ends its paused rollout (paused for {old}"
                          " on {host}: {reason})", app=app, new=_short(new_image),
                          old=_short(record.image_id), host=record.host, reason=record.reason)
-        slot = await self.rollouts.slots.acquire(app, container.name)
+        asked = self.clock.seconds()
+        turn = await self._turn(app, container.name, new_image, digest)
+        if isinstance(turn, PauseRecord):
+            kept = await self._keep_previous(replacement, turn, self.clock.seconds() - asked)
+            self._tell(kept)
+            return kept
+        slot = turn
         taken = self.clock.seconds()
         self.apps.replacing(container.name)
         try:
@@ -252,6 +266,76 @@ class Rollout:
                 " host holds a lease again",
                 name=replacement.name, why=slot.lost_reason or "unknown reason",
             )
+
+    # -- waiting for a slot ---------------------------------------------------------------------
+
+    def _turn(self, app: str, container: str, new_image: str,
+              digest: str | None) -> Deferred[Slot | PauseRecord]:
+        """A slot of ``app`` for ``container``, or the pause for this build if it comes first:
+        the place in the line is then given up. Cancelling gives up both."""
+        acquiring = self.rollouts.slots.acquire(app, container)
+        if acquiring.called:
+            return acquiring.addCallback(lambda slot: slot)
+        paused = self._paused_while_waiting(app, new_image, digest)
+
+        def give_up(_: Deferred[Slot | PauseRecord]) -> None:
+            acquiring.cancel()
+            paused.cancel()
+
+        turn: Deferred[Slot | PauseRecord] = Deferred(give_up)
+
+        def won(result: Slot | PauseRecord, other: Deferred[Any]) -> None:
+            if not turn.called:
+                turn.callback(result)
+                other.cancel()
+
+        def lost(failure: Failure, other: Deferred[Any]) -> None:
+            if not turn.called:
+                turn.errback(failure)
+                other.cancel()
+            elif not failure.check(CancelledError):
+                log.failure("waiting for a slot of {app} for {name}", failure, app=app,
+                            name=container)
+
+        acquiring.addCallbacks(won, lost, callbackArgs=(paused,), errbackArgs=(paused,))
+        paused.addCallbacks(won, lost, callbackArgs=(acquiring,), errbackArgs=(acquiring,))
+        return turn
+
+    def _paused_while_waiting(self, app: str, new_image: str,
+                              digest: str | None) -> Deferred[PauseRecord]:
+        """Fires with ``app``'s pause once a read (every :data:`PAUSE_CHECK` seconds) finds it
+        paused for this build; a read that fails is logged (once in a row) and tried again."""
+        failing = False
+
+        def check() -> Deferred[None]:
+            def read(record: PauseRecord | None) -> None:
+                nonlocal failing
+                failing = False
+                if record is not None and record.is_build(new_image, digest) \
+                        and not found.called:
+                    loop.stop()
+                    found.callback(record)
+
+            def failed(failure: Failure) -> None:
+                nonlocal failing
+                if not failing:
+                    log.warn("reading the pause of {app} while it waits for a slot failed:"
+                             " {error}; reading it again every {every:g}s", app=app,
+                             error=failure.getErrorMessage(), every=PAUSE_CHECK)
+                failing = True
+
+            return self.rollouts.pauses.get(app).addCallbacks(read, failed)
+
+        def stop(_: Deferred[PauseRecord]) -> None:
+            if loop.running:
+                loop.stop()
+
+        found: Deferred[PauseRecord] = Deferred(stop)
+        loop = LoopingCall(check)
+        loop.clock = self.clock
+        loop.start(PAUSE_CHECK, now=False).addErrback(
+            lambda f: log.failure("the pause checks of {app} stopped", f, app=app))
+        return found
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from deployer.replacers import RefusingReplacer, StopReplacer
 from deployer.rollout import wiring
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.slots import LocalSlots, Slot
+from deployer.rollout_round import PAUSE_CHECK
 from deployer.rounds import Result
 from tests.helpers import fired
 from tests.rollout_fakes import BAD, GOOD, Build, SimHost, health, run_until
@@ -190,9 +191,11 @@ def test_the_other_containers_of_a_bad_build_are_never_taken_down() -> None:
     host.publish(APP, BAD)
     host.deploy(APP)
     run_until(clock, lambda: host.idle)
+    # web-2 learns of the pause while it waits for the slot, before web-1 is back
     assert [(o.name, o.result) for o in host.outcomes] == [
-        ("web-1", Result.ROLLED_BACK), ("web-2", Result.PAUSED)
+        ("web-2", Result.PAUSED), ("web-1", Result.ROLLED_BACK)
     ]
+    assert not host.outcomes[0].slot
     assert not host.stopped(second) and host.stopped(first)
     assert running_on(host, "web-2") == (old, "healthy")
     assert running_on(host, "web-1") == (old, "healthy")
@@ -265,6 +268,7 @@ def test_a_host_that_waited_for_its_slot_and_finds_the_app_paused_does_not_repla
         olds.append(host.local(APP, GOOD))
         host.run("web", APP)
         host.publish(APP, BAD, image_id="sha256:" + "b" * 64)
+    asked = clock.seconds()
     first.deploy(APP)
     second.deploy(APP)
     assert second.image_of(APP) == "sha256:" + "b" * 64  # pulled, waits for a slot
@@ -272,8 +276,47 @@ def test_a_host_that_waited_for_its_slot_and_finds_the_app_paused_does_not_repla
     assert second.stops == 0
     assert second.image_of(APP) == olds[1]
     assert [o.result for o in second.outcomes] == [Result.PAUSED]
-    assert second.outcomes[0].waited > 0 and second.outcomes[0].slot
+    record = fired(parts.pauses.get(APP))
+    assert record is not None and record.host == "h1"
+    # It read the pause while it waited (and left the line), within one check of the pause.
+    outcome = second.outcomes[0]
+    assert not outcome.slot
+    assert record.time - asked < outcome.waited <= record.time - asked + PAUSE_CHECK
+    assert holding(second) == {}
     assert len(first.notices) == 1 and second.notices == []
+
+
+def test_a_waiting_host_reads_the_pause_every_check_and_stops_reading_at_its_turn() -> None:
+    clock = Clock()
+    parts = wiring.standalone(clock, hostname="h1")
+    first, second = SimHost(clock, "h1", parts), SimHost(clock, "h2", parts)
+    for host in (first, second):
+        host.local(APP, GOOD)
+        host.run("web", APP)
+        host.publish(APP, GOOD, image_id="sha256:" + "c" * 64)
+    checks: list[float] = []
+    real_get = parts.pauses.get
+
+    def counted(app: str) -> Deferred[PauseRecord | None]:
+        checks.append(clock.seconds())
+        return real_get(app)
+
+    parts.pauses.get = counted  # type: ignore[method-assign]
+    first.deploy(APP)
+    second.deploy(APP)
+    waited = run_until(clock, lambda: first.idle and second.idle, step=0.05)
+    assert [o.result for o in second.outcomes] == [Result.REPLACED]
+    assert second.outcomes[0].slot
+    # A read before each host asks for its slot and one at each turn (h1's at once); while
+    # h2 waits, one every PAUSE_CHECK from when it asked.
+    asked, during = checks[2], checks[3:-1]
+    assert checks[:3] == [asked] * 3 and during, checks
+    gaps = [b - a for a, b in zip([asked, *during[:-1]], during, strict=True)]
+    assert all(abs(gap - PAUSE_CHECK) < 1e-6 for gap in gaps), gaps
+    assert checks[-1] <= waited, "no read after the turn came"
+    read = len(checks)
+    clock.advance(10 * PAUSE_CHECK)
+    assert len(checks) == read, "the checks stopped"
 
 
 # -- labels and replace modes ---------------------------------------------------------------------
@@ -465,3 +508,37 @@ def test_a_tag_that_cannot_name_an_app_is_left_alone() -> None:
         host.rollout.replace(container, "Not A/Name:qa", "sha256:" + "9" * 64)))
     assert outcome.result is Result.ERROR
     assert host.stops == 0
+
+
+class PausesAwayWhile(FlakyPauses):
+    """Pauses whose reads fail while ``away()`` says so."""
+
+    def __init__(self, inner: Any, away: Any) -> None:
+        super().__init__(inner, 0)
+        self.away = away
+
+    def get(self, app: str) -> Deferred[Any]:
+        if self.away():
+            self.failures = 1
+        return super().get(app)
+
+
+def test_a_waiting_host_logs_failed_pause_reads_once_and_keeps_waiting(
+    logs: list[LogEvent],
+) -> None:
+    clock = Clock()
+    parts = wiring.standalone(clock, hostname="h1")
+    first = SimHost(clock, "h1", parts)
+    second = SimHost(clock, "h2", wiring.Rollouts(
+        parts.slots, PausesAwayWhile(parts.pauses, lambda: 0.5 < clock.seconds() < 3.5),
+        parts.publish, parts.status))
+    for host in (first, second):
+        host.local(APP, GOOD)
+        host.run("web", APP)
+        host.publish(APP, BAD, image_id="sha256:" + "b" * 64)
+    first.deploy(APP)
+    second.deploy(APP)
+    run_until(clock, lambda: first.idle and second.idle)
+    assert [o.result for o in second.outcomes] == [Result.PAUSED]
+    assert second.stops == 0
+    assert text(logs).count("while it waits for a slot failed") == 1
