@@ -354,7 +354,10 @@ def test_a_flood_of_trickling_connections_locks_nobody_out(
     """1,100 connections that send one byte a second, to a daemon limited to 1,024 file
     descriptors (systemd's default): new clients are answered at once, the trickling ones are
     dropped after --request_timeout, and the listener never runs out of descriptors."""
-    request_timeout = 5.0  # longer than opening them all takes, on a busy machine too
+    # Well beyond opening them all: when the listen queue overflows, a connection costs a SYN
+    # retransmission (1 s, then 2 s more) before it is open, or is accepted ~1 s after its
+    # client saw it open; more than 896 must still be open at once.
+    request_timeout = 10.0
     daemon = daemon_factory("--docker", clean_dockerd.url, "--repull_period", "0",
                             "--request_timeout", f"{request_timeout:g}s",
                             wrapper=["prlimit", "--nofile=1024", "--"])
@@ -370,20 +373,22 @@ def test_a_flood_of_trickling_connections_locks_nobody_out(
         answers = []
         while time.monotonic() < flood_open + request_timeout - 1:
             asked = time.monotonic()
-            status, _ = daemon.get("/healthz", timeout=2)
+            status, _ = daemon.get("/healthz", timeout=5)
             answers.append((status, time.monotonic() - asked))
             time.sleep(0.1)
         status, body = daemon.post_json("/api/deploy", {"repository": "myorg/flood"}, timeout=2)
         assert status == 202, body
         assert answers and all(status == 200 for status, _ in answers), answers
-        assert max(seconds for _, seconds in answers) < 1.0, answers
+        # locked out, a client would wait for a trickler's deadline (seconds); one SYN
+        # retransmission (1 s) while the listen queue still holds the flood is allowed
+        assert max(seconds for _, seconds in answers) < 2.0, answers
         # And every trickling one is dropped, at its deadline at the latest.
         tricklers.wait_all_closed(request_timeout + 5)
         assert len(tricklers.closed) == 1100, f"{1100 - len(tricklers.closed)} still open"
         lived = sorted(tricklers.closed[i] - tricklers.opened[i] for i in range(1100))
     finally:
         tricklers.stop()
-    assert lived[-1] < request_timeout + 2, lived[-10:]
+    assert lived[-1] < request_timeout + 3, lived[-10:]
 
     m = metrics_of(daemon)
     dropped = {reason: m.get(("deployer_http_connections_dropped_total",
@@ -393,7 +398,7 @@ def test_a_flood_of_trickling_connections_locks_nobody_out(
     # More than the limit (1024 - 128 descriptors kept free) trickled at once: beyond it, the
     # ones that waited longest made room (or, while too many were still closing, the newcomer
     # was refused); the others lived until their deadline, not less.
-    assert opening_took < request_timeout
+    assert opening_took < request_timeout, opening_took
     assert dropped["evicted"] > 0, dropped
     assert dropped["evicted"] + dropped["refused"] >= 1100 - 896, dropped
     assert dropped["timeout"] >= 500, dropped

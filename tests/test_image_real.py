@@ -191,8 +191,10 @@ def test_the_image_deploys_on_the_engine_whose_socket_it_has(
     stopped_in = time.monotonic() - started
     state = image.engine.inspect(container)
     assert state is not None
+    # 0, not 137: it ended on SIGTERM, before docker stop's 10 s grace ran out; and at once
+    # (~0.4 s idle, with the CLI's start and dockerd's own work): within half the grace
     assert state["State"]["ExitCode"] == 0, logs()[-3000:]
-    assert stopped_in < 2.0, f"docker stop took {stopped_in:.2f} s"
+    assert stopped_in < 5.0, f"docker stop took {stopped_in:.2f} s"
     print(f"\ndocker stop of the deployer container: {stopped_in:.2f} s")
 
     out = logs()

@@ -272,7 +272,7 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
     ready)."""
     fake = hanging_registry
     fake_host = fake.host
-    stall = 5.0
+    stall = 10.0  # the other round (pull, stop, re-created by the supervisor, 1 s ready) fits
     engine = await Engine(clean_dockerd, pull_stall_timeout=stall).start()
     try:
         ok = image_builder.ref(unique("app"), "qa")
@@ -295,12 +295,14 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
         r.request(update(ok))
         took = await _until(lambda: bool(reports), stall, "the other repository's round")
 
-        assert reactor.seconds() - began < stall  # the hung pull still hangs
+        # deployed while the hung pull still hangs: not held up until its stall timeout
+        assert [rep.patterns for rep in reports] == [(ok,)], \
+            f"deployed {took:.1f} s after the request (sent {sent - began:.1f} s in)"
+        assert reactor.seconds() - began < stall
         [served] = reports
-        assert served.patterns == (ok,) and served.pulled == {ok: v2.image_id}
+        assert served.pulled == {ok: v2.image_id}
         assert [s.id for s in served.stopped] == [ok_container]
         assert [o.result for o in served.outcomes] == [Result.REPLACED]
-        assert took < 4.0, f"deployed {took:.1f} s after the request (sent {sent - began:.1f} s in)"
 
         await r.wait_idle()
         failed_after = reactor.seconds() - began

@@ -20,7 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.stack.docker_stack import StackError, free_port, log_tail, wait_until
+from tests.stack.docker_stack import StackError, log_tail, wait_until
+from tests.stack.ports import address_in_use, free_port, on_fresh_ports
 
 # twistd as a module (twisted.scripts.twistd has no ``__main__``), with this interpreter.
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
@@ -35,9 +36,12 @@ class Daemon:
     def __init__(self, workdir: Path, args: Sequence[str], token: str | None = "test-token",
                  env: Mapping[str, str] | None = None, port: int | None = None,
                  wrapper: Sequence[str] = ()) -> None:
-        """``wrapper``: a command that runs the daemon (``prlimit --nofile=1024 --``)."""
+        """``wrapper``: a command that runs the daemon (``prlimit --nofile=1024 --``).
+        Without ``port``, a free one; when another process binds it first, :meth:`start` tries
+        again on another (the log keeps its first name)."""
         self.workdir = workdir
         self.wrapper = list(wrapper)
+        self.port_given = bool(port)
         self.port = port or free_port()
         self.token = token
         self.args = list(args)
@@ -58,6 +62,32 @@ class Daemon:
         return args
 
     def start(self, timeout: float = 30.0, healthy: bool = True) -> Daemon:
+        """Start the daemon and wait until it answers (``/healthz`` 200 when ``healthy``)."""
+        began = self.log_path.stat().st_size if self.log_path.exists() else 0
+
+        def attempt(again: bool) -> Daemon:
+            if again:
+                self.port = free_port()
+            return self._start(timeout, healthy)
+
+        def taken() -> bool:
+            """The port was in use: the attempt's log lines are set aside (its traceback is
+            not the daemon's)."""
+            if self.port_given:
+                return False
+            with self.log_path.open("r+b") as log:
+                log.seek(began)
+                tail = log.read()
+                if not address_in_use(tail.decode(errors="replace"), [self.port]):
+                    return False
+                log.truncate(began)
+            aside = self.log_path.with_name(f"{self.log_path.stem}-port-{self.port}-in-use.log")
+            aside.write_bytes(tail)
+            return True
+
+        return on_fresh_ports(attempt, taken)
+
+    def _start(self, timeout: float, healthy: bool) -> Daemon:
         env = {**os.environ, "HOME": str(self.workdir), **self.env}
         env.pop("DEPLOYER_WEBHOOK_TOKEN", None)
         with self.log_path.open("ab") as log:

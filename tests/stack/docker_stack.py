@@ -45,6 +45,8 @@ import pytest
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
+from tests.stack.ports import address_in_use, free_port, on_fresh_ports
+
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "sleep", "test", "touch", "cat", "echo")
 RUN_SH = 'trap "exit 0" TERM\ntouch /tmp/healthy\nwhile true; do sleep 1 & wait $!; done\n'
@@ -76,14 +78,6 @@ def require_binary(name: str) -> str:
             pytrace=False,
         )
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def run(
@@ -240,7 +234,8 @@ class Registry:
             raise StackError(f"registry {self.host} is already running")
         self.storage.mkdir(parents=True, exist_ok=True)
         keep_port = self.port != 0
-        for _attempt in range(3):
+
+        def attempt(again: bool) -> Registry:
             if not keep_port:
                 self.port = free_port()
             config_path = self.base / "config.json"
@@ -253,15 +248,15 @@ class Registry:
                 )
             try:
                 wait_until(self.answers, timeout, f"registry {self.url}/v2/", alive=self._dead)
-                return self
             except StackError:
                 self.stop()
-                if keep_port or "address already in use" not in log_tail(self.log_path, 5):
-                    raise StackError(
-                        f"registry on {self.host} did not start; its log:\n"
-                        + log_tail(self.log_path)
-                    ) from None
-        raise StackError("registry: no free port found in three attempts")
+                raise StackError(
+                    f"registry on {self.host} did not start; its log:\n" + log_tail(self.log_path)
+                ) from None
+            return self
+
+        return on_fresh_ports(attempt, lambda: not keep_port and address_in_use(
+            log_tail(self.log_path, 5), [self.port]))
 
     def _dead(self) -> str | None:
         if self.process is None or self.process.poll() is not None:

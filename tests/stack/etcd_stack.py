@@ -61,15 +61,11 @@ from zope.interface import implementer
 from deployer.etcd import Etcd, EtcdConfig, WatchService
 from deployer.model import Update
 from deployer.testing.fake_etcd import FakeEtcd, SyncProducer
+from tests.stack.ports import address_in_use, free_ports, on_fresh_ports
+from tests.stack.ports import free_port as free_port  # the tests take it from here
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def etcdctl(endpoints: str | Sequence[str], *args: str, timeout: float = 15.0) -> str:
@@ -194,28 +190,42 @@ class EtcdMember:
         self.start()
         self.wait_ready()
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
 
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
 
 class EtcdCluster:
-    """A set of members started together."""
+    """A set of members started together, on free ports: when another process binds one of
+    them first, :meth:`start` starts the cluster anew on others."""
 
     def __init__(self, workdir: Path, size: int, fast_election: bool = True,
                  extra_args: Sequence[str] = ()) -> None:
-        ports = [(free_port(), free_port()) for _ in range(size)]
-        names = [f"e{i}" for i in range(size)]
-        initial = ",".join(
-            f"{name}=http://127.0.0.1:{peer}" for name, (peer, _) in zip(names, ports, strict=True)
-        )
+        self.workdir = workdir
+        self.size = size
+        self.fast_election = fast_election
+        self.extra_args = tuple(extra_args)
         workdir.mkdir(parents=True, exist_ok=True)
+        self.members = self._new_members()
+
+    def _new_members(self) -> list[EtcdMember]:
+        """Members on fresh ports (a peer and a client port each), in a fresh cluster."""
+        ports = free_ports(2 * self.size)
+        pairs = list(zip(ports[::2], ports[1::2], strict=True))
+        names = [f"e{i}" for i in range(self.size)]
+        initial = ",".join(
+            f"{name}=http://127.0.0.1:{peer}" for name, (peer, _) in zip(names, pairs, strict=True)
+        )
         token = f"test-{uuid.uuid4().hex[:8]}"
-        self.members = [
-            EtcdMember(name, workdir, initial, token, peer, client, fast_election, extra_args)
-            for name, (peer, client) in zip(names, ports, strict=True)
+        return [
+            EtcdMember(name, self.workdir, initial, token, peer, client, self.fast_election,
+                       self.extra_args)
+            for name, (peer, client) in zip(names, pairs, strict=True)
         ]
 
     @property
@@ -226,14 +236,40 @@ class EtcdCluster:
         return tuple(m.client_url for m in self.members if m.running)
 
     def start(self) -> None:
-        try:
+        def attempt(again: bool) -> None:
+            if again:
+                for member in self.members:
+                    shutil.rmtree(member.data_dir, ignore_errors=True)
+                self.members = self._new_members()
+            try:
+                for member in self.members:
+                    member.start()
+                self._wait_ready(15.0 * self.size)
+            except BaseException:
+                self.stop()
+                raise
+
+        def taken() -> bool:
+            return any(address_in_use(m.log(), (m.peer_port, m.client_port))
+                       for m in self.members)
+
+        on_fresh_ports(attempt, taken)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until every member is healthy; RuntimeError at once when one exits."""
+        deadline = time.monotonic() + timeout
+        waiting = list(self.members)
+        while True:
             for member in self.members:
-                member.start()
-            for member in self.members:
-                member.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+                if not member.running:
+                    raise RuntimeError(f"etcd {member.name} exited early:\n{member.log_tail()}")
+            waiting = [member for member in waiting if not member.healthy()]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd {waiting[0].name} not healthy after {timeout}s:\n"
+                                   f"{waiting[0].log_tail()}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for member in self.members:
