@@ -185,7 +185,7 @@ def test_max_unavailable_two_replaces_two_at_once_and_never_three(fleet: Fleet) 
 
     for limit, (sampler, took, spans, waited) in seen.items():
         print(f"--max_unavailable {limit}: rollout of 3 hosts took {took:.1f}s; at most"
-              f" {most_down(sampler)} down in a sample, {most_at_once(spans)} replacements at"
+              f" {most_down(sampler)} down in two samples in a row, {most_at_once(spans)} at"
               f" once in the logs; {waited} hosts waited for a slot")
     one, two = seen[1], seen[2]
     # One at a time: never two down, never two replacements at once.
