@@ -5,7 +5,7 @@ host whose container nothing supervises.
 A sampler thread asks the three engines about four times a second which of them has a healthy
 ``app`` container (``GET /containers/json`` filtered on the name and ``health=healthy``, as
 ``docker ps -q --filter name=^app$ --filter health=healthy`` does); with ``--max_unavailable 1``
-no sample may see fewer than two.
+no two samples in a row may both see the same two down (see :func:`persistent`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,23 @@ def healthy(engine: Dockerd, name: str) -> bool:
     return status == 200 and len(json.loads(body)) == 1
 
 
+def persistent(samples: Sequence[tuple[bool, ...]]) -> list[tuple[bool, ...]]:
+    """Each two samples in a row (per engine: healthy) as one, an instance down only when both
+    saw it down.
+
+    One sample asks the engines side by side, and a busy engine answers late: a sample can see
+    host A not healthy yet (its engine answered at once) and host B already stopped (its engine
+    answered later) although B stopped after A was ready; the next sample, which starts after
+    every answer of the one before, sees A healthy. Two instances seen down by two samples in a
+    row were down together (each was down from its first read to its second, and both spans hold
+    the moment between the samples); a real overlap lasts at least the 1 s health interval of a
+    replacement, which two samples 0.25 s apart see.
+    """
+    assert len(samples) >= 2, f"too few samples to judge: {samples}"
+    return [tuple(a or b for a, b in zip(first, second, strict=True))
+            for first, second in itertools.pairwise(samples)]
+
+
 class Sampler(threading.Thread):
     """Polls the engines side by side every ``interval`` seconds; ``samples`` holds, for each
     poll, which engines had a healthy ``name``."""
@@ -90,9 +107,14 @@ class Sampler(threading.Thread):
         self.join(10)
         self._pool.shutdown()
 
+    def persistent(self) -> list[tuple[bool, ...]]:
+        """Which engines had a healthy ``name``, by :func:`persistent`."""
+        return persistent([seen for _, seen in self.samples])
+
     @property
     def fewest(self) -> int:
-        return min(sum(healthy) for _, healthy in self.samples)
+        """The fewest healthy instances, as two samples in a row agree (:func:`persistent`)."""
+        return min(sum(seen) for seen in self.persistent())
 
 
 # -- reading the daemons' logs --------------------------------------------------------------------

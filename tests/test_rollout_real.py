@@ -203,15 +203,17 @@ async def test_max_unavailable_two_holds_two_at_once_never_three(
 ) -> None:
     hosts = await fleet.start(5, [etcd.client_url], etcd_prefix, limit=2)
     record = Recorder()
+    hold = 1.5
     started = now()
-    rounds = await ask_in_order(hosts, [0, 1, 2, 3, 4], record, hold=0.6)
+    rounds = await ask_in_order(hosts, [0, 1, 2, 3, 4], record, hold=hold)
     for d in rounds:
         await with_timeout(d, 30)
     took = now() - started
     assert record.most == 2
     assert record.order[:2] == ["h0", "h1"] and sorted(record.order) == [f"h{i}" for i in range(5)]
-    assert took < 3 * 0.6 + 1.5  # three waves of two, not five in a row
-    print(f"5 hosts, 2 at a time, 0.6 s each: {took:.2f} s")
+    # three waves of two (3 holds and two handoffs), not five in a row (at least 5 holds)
+    assert took < 4 * hold
+    print(f"5 hosts, 2 at a time, {hold} s each: {took:.2f} s")
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +230,10 @@ async def test_a_holder_cut_off_frees_its_slot_after_the_ttl(
     h0.cut()  # as if the host lost its network: no more keepalives
     slot = await with_timeout(waiting, 10)
     took = now() - cut
-    assert TTL * 2 / 3 - 0.2 < took < TTL + 2.0
+    # Not before etcd can have let the lease expire (its last keepalive was at most TTL / 3
+    # before the cut); at the latest TTL after the cut it expires, etcd's expiry runs every
+    # 500 ms and revokes through raft, and the next in line looks every 0.1 s.
+    assert TTL * 2 / 3 - 0.2 < took < TTL + 3.0
     print(f"slot of a cut-off holder taken over {took:.2f} s after the cut (TTL {TTL} s)")
     await wait_for(lambda: held.lost, what="the holder to learn of the loss")
     assert "no keepalive answered" in str(held.lost_reason)
@@ -258,12 +263,12 @@ async def test_a_holder_whose_lease_is_revoked_learns_of_it_and_the_next_takes_o
     waiting = h1.slots.acquire(APP, "web")
     await wait_for(lambda: h1.slots.polls > 0)
     assert held.lease is not None
-    revoked = now()
     await in_thread(etcdctl, etcd.client_url, "lease", "revoke", held.lease.hex)
+    revoked = now()  # etcd has revoked it (starting etcdctl is not counted)
     await with_timeout(waiting, 5)
-    assert now() - revoked < 1.0
+    assert now() - revoked < 1.0  # the next in line looks every 0.1 s
     reason = await with_timeout(lost, 5)
-    assert now() - revoked < TTL / 3 + 1.0
+    assert now() - revoked < TTL / 3 + 1.0  # the holder's next keepalive tells it
     assert "TTL 0" in reason or "no longer knows" in reason
     await wait_for(lambda: h0.keeper.held, what="a new lease")
     assert h0.keeper.current is not held.lease
@@ -340,8 +345,16 @@ async def test_host_status_is_published_collected_and_goes_with_the_host(
         assert app["paused"] is None
         hosts[2].cut()  # h2 goes: its status and its place in line expire
         await wait_for(lambda: not hosts[2].keeper.held, timeout=TTL + 3)
-        await sleep(1.0)  # etcd's own expiry runs every 500 ms
-        doc = await status.document()
+        # etcd lets the lease expire TTL after it received the last keepalive (later than
+        # h2's count, from when it sent it); its expiry runs every 500 ms, then a revoke
+        # through raft.
+        deadline = now() + TTL + 3
+        while True:
+            doc = await status.document()
+            gone = "h2" not in doc["hosts"] and not doc["apps"][APP]["waiting"]
+            if gone or now() > deadline:
+                break
+            await sleep(0.1)
         assert sorted(doc["hosts"]) == ["h0", "h1"]
         assert doc["apps"][APP]["waiting"] == []
     finally:
@@ -356,11 +369,15 @@ async def test_three_member_cluster_the_line_survives_the_loss_of_a_member(
     etcd_cluster: Callable[..., EtcdCluster], etcd_prefix: str, fleet: Fleet
 ) -> None:
     cluster = await in_thread(etcd_cluster, 3)
-    urls = list(cluster.urls)
+    leader, follower = await in_thread(cluster.leader_first_follower)
+    other = 3 - leader - follower
+    # Every host talks to a follower first: its loss costs no election, which under load could
+    # take longer than a lease's slack (TTL 2 s, keepalives every 2/3 s).
+    urls = [cluster.urls[i] for i in (follower, leader, other)]
     hosts = await fleet.start(3, urls, etcd_prefix)
     record = Recorder()
     rounds = await ask_in_order(hosts, [1, 2, 0], record, hold=1.0)
-    await in_thread(cluster.members[0].kill)  # the member every host talks to first
+    await in_thread(cluster.members[follower].kill)  # the member every host talks to first
     for d in rounds:
         await with_timeout(d, 30)
     assert record.order == ["h1", "h2", "h0"] and record.most == 1
@@ -384,4 +401,5 @@ async def test_fifty_hosts_three_at_a_time(
     polls = sum(h.slots.polls for h in hosts)
     print(f"50 hosts, 3 at a time, 0.2 s each: {took:.2f} s (ideal {50 / 3 * 0.2:.2f} s),"
           f" {polls} queue reads ({polls / took:.0f}/s)")
-    assert took < 50 / 3 * 0.2 * 2
+    # Faster than one at a time (50 holds, before any handoff); record.most says three at once.
+    assert took < 50 * 0.2

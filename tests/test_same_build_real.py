@@ -98,9 +98,11 @@ def test_a_push_mid_rollout_leaves_both_hosts_on_the_build_of_the_update(
     assert status == 202, body
     wait_until(lambda: "recorded" in first.log() and image_of(engines["h1"], name) == v2_id,
                60, "h1 records the build and runs it", 0.05)
-    # h1 is mid-rollout (ready only after 3 s running, its slot held): a push lands.
-    v3_digest = image_builder.push(builder, ref)
+    # h1 is mid-rollout (ready only after 3 s running, its slot held): a push lands. (Only
+    # h2, which has not come to the update yet, pulls after it: when the push ends, before or
+    # after h1 is ready, makes no difference to h1.)
     assert slots(etcd, etcd_prefix, ref) == 1, first.log()[-3000:]
+    v3_digest = image_builder.push(builder, ref)
     record = json.loads(etcdctl(etcd.client_url, "get", f"{etcd_prefix}/_/builds/{ref}",
                                 "--print-value-only"))
     assert (record["digest"], record["image_id"], record["host"]) == (v2_digest, v2_id, "h1")
