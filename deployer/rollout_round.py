@@ -13,8 +13,8 @@ container of app ``A`` (its ``repo:tag``, familiar form) that runs an older imag
    ``A`` are being replaced at once across the fleet, one at a time on a host; waiters are
    served in the order they asked. Nothing is taken down before. While it waits, the host reads
    ``A``'s pause every :data:`PAUSE_CHECK` seconds: paused for this very build (another host's
-   replacement failed meanwhile), it leaves the line and does as in 1 at once, rather than at
-   its turn.
+   replacement failed meanwhile), it does as in 1 at once, rather than at its turn (its place
+   in the line gives the slot back as soon as it comes).
 4. Paused meanwhile (between the last check and the turn)? As in 1.
 5. Replace it with the container's :class:`~deployer.replace.Replacer` (``--replace``, or its
    ``deployer.replace`` label), which waits until the replacement is ready.
@@ -31,7 +31,7 @@ of pauses are retried with a capped backoff while etcd does not answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -271,8 +271,10 @@ class Rollout:
 
     def _turn(self, app: str, container: str, new_image: str,
               digest: str | None) -> Deferred[Slot | PauseRecord]:
-        """A slot of ``app`` for ``container``, or the pause for this build if it comes first:
-        the place in the line is then given up. Cancelling gives up both."""
+        """A slot of ``app`` for ``container``, or the pause for this build if it comes first.
+        The place in the line is then kept, and the slot given back as soon as it comes: a
+        request to etcd cut short could still be carried out after a delete, and leave a key
+        that holds the line up. Cancelling gives up both."""
         acquiring = self.rollouts.slots.acquire(app, container)
         if acquiring.called:
             return acquiring.addCallback(lambda slot: slot)
@@ -284,21 +286,29 @@ class Rollout:
 
         turn: Deferred[Slot | PauseRecord] = Deferred(give_up)
 
-        def won(result: Slot | PauseRecord, other: Deferred[Any]) -> None:
+        def taken(slot: Slot) -> None:
             if not turn.called:
-                turn.callback(result)
-                other.cancel()
+                turn.callback(slot)
+                paused.cancel()
+                return
+            log.info("the rollout slot of {app} for {name} came after the pause: given back",
+                     app=app, name=container)
+            slot.release()  # never fails
 
-        def lost(failure: Failure, other: Deferred[Any]) -> None:
+        def found(record: PauseRecord) -> None:
+            if not turn.called:
+                turn.callback(record)
+
+        def failed(failure: Failure) -> None:
             if not turn.called:
                 turn.errback(failure)
-                other.cancel()
+                paused.cancel()
             elif not failure.check(CancelledError):
                 log.failure("waiting for a slot of {app} for {name}", failure, app=app,
                             name=container)
 
-        acquiring.addCallbacks(won, lost, callbackArgs=(paused,), errbackArgs=(paused,))
-        paused.addCallbacks(won, lost, callbackArgs=(acquiring,), errbackArgs=(acquiring,))
+        acquiring.addCallbacks(taken, failed)
+        paused.addCallbacks(found, lambda f: None if f.check(CancelledError) else failed(f))
         return turn
 
     def _paused_while_waiting(self, app: str, new_image: str,

@@ -34,6 +34,7 @@ from deployer.reconcile import RoundReport
 from deployer.reference import parse_reference
 from deployer.rollout.gateway import get_prefix
 from deployer.rollout.keys import RolloutKeys
+from deployer.rollout_round import PAUSE_CHECK
 from deployer.rounds import Result
 from deployer.service import DeployerService
 from deployer.testing.memory_docker import Behaviour, ContainerState, Healthcheck, MemoryDocker
@@ -172,6 +173,14 @@ class Fleet:
                        f"round {rounds} done on every host")
         return now() - started
 
+    async def drained(self, timeout: float) -> None:
+        """Wait until no rollout slot key is left."""
+        deadline = now() + timeout
+        while keys := await self.slot_keys():
+            if now() > deadline:
+                raise AssertionError(f"not within {timeout:g} s: slot keys left: {keys}")
+            await deferLater(reactor, 0.1)
+
     async def slot_keys(self) -> list[str]:
         gateway = self.hosts[0].service.etcd
         assert gateway is not None
@@ -234,6 +243,7 @@ async def test_fifty_hosts_roll_a_good_build_then_stop_a_bad_one(fleet: Fleet) -
 
     # A bad build: it reaches at most ``limit`` hosts; the app is paused; every host is back.
     fleet.most_down = 0
+    pushed = now()
     await fleet.push(V3, BAD)
     bad = await fleet.settle(2, timeout=120.0)
     fleet.check("the end")
@@ -244,16 +254,22 @@ async def test_fifty_hosts_roll_a_good_build_then_stop_a_bad_one(fleet: Fleet) -
     record = await fleet.hosts[-1].service.rollouts.pauses.get(APP)
     assert record is not None and record.image_id == V3 and record.host in tried
     assert record.reason.startswith("unhealthy")
+    # The hosts still in line read the pause while they wait, not at their turn: all of them
+    # are back within about a check of it (at their turns, one after the other, 4-5 s here).
+    after_pause = pushed + bad - record.time
+    assert after_pause < 2 * PAUSE_CHECK + 1.5, after_pause
     for host in fleet.hosts:
         web = host.web
         assert up(web) and web is not None and web.image_id == V2, host.name
         assert host.mem.image_id(APP) == V2, host.name  # the tag is back on the good build
         expected = Result.ROLLED_BACK if host.name in tried else Result.PAUSED
         assert results(host, 2) == [expected], host.name
-    assert await fleet.slot_keys() == []
+    # Their places in line give the slot back as it comes.
+    await fleet.drained(timeout=60.0)
     doc = await first.document()
     assert doc["apps"][APP]["paused"]["image_id"] == V3
     assert fleet.failed() == []
     print(f"\n{HOSTS} hosts, --max_unavailable {limit}: started in {started:.1f} s, good build"
           f" rolled out in {good:.1f} s, bad build stopped after {len(tried)} host(s) and"
-          f" settled in {bad:.1f} s; at most {fleet.most_down} down")
+          f" settled in {bad:.1f} s ({after_pause:.1f} s after the pause); at most"
+          f" {fleet.most_down} down")
