@@ -42,7 +42,7 @@ from deployer.errors import (
 from deployer.lines import BadLine
 from deployer.pulls import PULL_STALL_TIMEOUT, PullReader, Watchdog
 from deployer.reference import registry_host, split
-from deployer.timeouts import cancel_after
+from deployer.timeouts import cancel_after, is_cancellation
 
 log = Logger()
 
@@ -192,7 +192,7 @@ class DockerClient:
             self._version = None
             raise DockerUnavailable(f"the Docker engine did not answer: {e}") from e
         except _CONNECTION_ERRORS as e:
-            if _cancelled(e):
+            if is_cancellation(e):
                 raise CancelledError(f"{method} {path} cancelled") from e  # by us, not the engine
             self._version = None  # the engine may come back with another version
             raise DockerUnavailable(f"cannot reach the Docker engine: {_describe(e)}") from e
@@ -420,13 +420,6 @@ class DockerClient:
 
 async def _nothing() -> None:
     return None
-
-
-def _cancelled(e: BaseException) -> bool:
-    """True for the agent's way of saying that the request was cancelled (by its caller)."""
-    return isinstance(e, ResponseFailed) and bool(e.reasons) and all(
-        r.check(CancelledError) for r in e.reasons
-    )
 
 
 def _describe(e: BaseException) -> str:

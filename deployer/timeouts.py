@@ -13,13 +13,29 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestGenerationFailed
+from twisted.web.client import ResponseFailed
 
 from deployer.errors import TimedOut
 
 _T = TypeVar("_T")
+
+
+def is_cancellation(error: BaseException) -> bool:
+    """True for what a request fails with when its caller cancelled it: the agent reports a
+    cancelled request as ``ResponseNeverReceived`` (a ``ResponseFailed``), or
+    ``RequestGenerationFailed`` while it still sends the body, or ``ConnectingCancelledError``
+    while it connects, rather than as ``CancelledError``. (A request given up by
+    :func:`cancel_after` fails with ``TimedOut`` instead.)"""
+    if isinstance(error, CancelledError | ConnectingCancelledError):
+        return True
+    if isinstance(error, ResponseFailed | RequestGenerationFailed):
+        return bool(error.reasons) and all(r.check(CancelledError) for r in error.reasons)
+    return False
 
 
 def cancel_after(

@@ -16,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectingCancelledError
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestGenerationFailed
 from twisted.web.client import ResponseNeverReceived
 
 from deployer.backoff import backoff
@@ -518,6 +519,11 @@ def connecting_cancelled(host: str) -> Exception:
     return ConnectingCancelledError(IPv4Address("TCP", host, 2379))
 
 
+def generation_cancelled(host: str) -> Exception:
+    """Cancelled while the agent still writes the body."""
+    return RequestGenerationFailed([Failure(CancelledError())])
+
+
 @pytest.mark.parametrize("error", [response_never_received, connecting_cancelled])
 @pytest.mark.parametrize("path", ["/v3/kv/range", "/v3/watch"])
 def test_stop_while_a_request_never_answers(
@@ -637,9 +643,10 @@ def test_a_request_etcd_refuses_is_raised_at_once() -> None:
     assert rig.etcd.members.current == 0
 
 
-@pytest.mark.parametrize("error", [response_never_received, connecting_cancelled])
+@pytest.mark.parametrize("error", [response_never_received, connecting_cancelled,
+                                   generation_cancelled])
 def test_a_cancelled_request_is_no_failure_of_the_member(
-    error: Callable[[str], Exception]
+    error: Callable[[str], Exception], logged: list[dict[str, Any]]
 ) -> None:
     rig = make_rig(HOSTS[:2])
     rig.net.hang["/v3/kv/txn"] = error
@@ -650,3 +657,4 @@ def test_a_cancelled_request_is_no_failure_of_the_member(
         fired(d)
     assert rig.net.hosts("/v3/kv/txn") == ["10.0.0.1"]
     assert rig.etcd.members.current == 0
+    assert [e for e in logged if e.get("log_failure") is not None] == []

@@ -34,7 +34,6 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     ConnectionDone,
     ConnectionLost,
 )
@@ -55,7 +54,7 @@ from twisted.web.iweb import IResponse
 from deployer.errors import EtcdError, EtcdHTTPError, EtcdUnavailable
 from deployer.etcd._txaioetcd import Error
 from deployer.etcd.members import MemberEndpoints, Members
-from deployer.timeouts import cancel_after
+from deployer.timeouts import cancel_after, is_cancellation
 
 REQUIRE_LEADER = "Grpc-Metadata-hasleader"
 """The header (``true``) that makes etcd refuse requests and end watches on a member that has no
@@ -84,18 +83,6 @@ def describe(failure: BaseException) -> str:
         return str(failure) or "timed out"
     text = str(failure)
     return f"{type(failure).__name__}: {text}" if text else type(failure).__name__
-
-
-def is_cancellation(error: BaseException) -> bool:
-    """True for what a request fails with when its caller cancelled it: the agent reports a
-    cancelled request as ``ResponseNeverReceived`` (or ``ConnectingCancelledError`` while it
-    connects), not as ``CancelledError``. (A request given up by :func:`cancel_after` fails with
-    ``TimedOut`` instead.)"""
-    if isinstance(error, CancelledError | ConnectingCancelledError):
-        return True
-    if isinstance(error, ResponseFailed | ResponseNeverReceived):
-        return bool(error.reasons) and all(r.check(CancelledError) for r in error.reasons)
-    return False
 
 
 def require_leader() -> Headers:
