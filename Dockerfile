@@ -14,7 +14,10 @@ ARG BASE=python:3.11-slim
 FROM ${BASE} AS build
 COPY . /src
 # With a wheels/ folder in the build context nothing is fetched: every package comes from it.
-# pip itself and the packages' own test suites (Twisted's, numpy's: about 40 MB) are left out.
+# Then out go the distributions that deployer's requirements do not reach (computed from the
+# installed metadata by scripts/prune_venv.py): deployer loads only txaioetcd's _types.py, which
+# needs six, so zlmdb, numpy, aiohttp and what they bring (about 100 MB) go; then pip itself
+# and the packages' own test suites (Twisted's and the others': about 25 MB).
 RUN set -eu; \
     python3 -m venv /opt/deployer; \
     if [ -d /src/wheels ]; then \
@@ -23,6 +26,8 @@ RUN set -eu; \
     else \
         /opt/deployer/bin/python -m pip install --no-cache-dir /src; \
     fi; \
+    /opt/deployer/bin/python /src/scripts/prune_venv.py deployer \
+        --partial txaioetcd=txaioetcd/_types.py; \
     /opt/deployer/bin/python -m pip uninstall --yes --quiet pip setuptools; \
     find /opt/deployer/lib -depth -type d \( -name tests -o -name test \) \
         -path '*/site-packages/*' -exec rm -rf {} +
@@ -32,9 +37,15 @@ COPY --from=build /opt/deployer /opt/deployer
 ENV PATH=/opt/deployer/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# twistd finds its plugins through twisted/plugins/dropin.cache: write it now, as the image's
-# user may not be able to at run time, and check that the deployer plugin is in it.
-RUN python3 -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+# Every deployer module imports with what is left, or the build fails here (a module that a
+# pruned distribution provided); not the test doubles (deployer.testing, deployer.rollout.testing:
+# treq.testing needs Twisted's test suite). twistd finds its plugins through
+# twisted/plugins/dropin.cache: write it now, as the image's user may not be able to at run time,
+# and check that the deployer plugin is in it.
+RUN python3 -c "import importlib, pkgutil, sys, deployer; [importlib.import_module(m.name) \
+for m in pkgutil.walk_packages(deployer.__path__, 'deployer.', onerror=sys.exit) \
+if 'testing' not in m.name.split('.')]" \
+    && python3 -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && python3 -c "import pathlib, twisted.plugins as p; \
 assert b'deployer' in pathlib.Path(p.__path__[0], 'dropin.cache').read_bytes()"
 EXPOSE 4500
