@@ -219,6 +219,8 @@ class DeployerService(MultiService):
         self.events.setServiceParent(self)
         if self.rollouts.keeper is not None:
             self.rollouts.keeper.setServiceParent(self)
+        if self.rollouts.sweeper is not None:
+            self.rollouts.sweeper.setServiceParent(self)
         connections = self.connections
         self.metrics.http_connections.set_function(lambda: float(connections.open))
         self.listener = strports.service(self.config.listen, connections, reactor=self.reactor)

@@ -17,8 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from deployer.etcd import Etcd, EtcdConfig
-from deployer.rollout.fleet import FleetSlots
-from deployer.rollout.gateway import get_prefix
+from deployer.rollout.fleet import FleetSlots, SlotSweeper
+from deployer.rollout.gateway import get_prefix, put
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.pause import EtcdPauses, PauseRecord
@@ -291,6 +291,31 @@ async def test_giving_up_a_wait_deletes_the_key(
         await sleep(0.02)
     assert await slot_keys(h0) == [held.key]
     await held.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_write_applied_after_its_delete_is_swept_and_the_line_moves(
+    etcd: EtcdMember, etcd_prefix: str, fleet: Fleet
+) -> None:
+    h0, h1 = await fleet.start(2, [etcd.client_url], etcd_prefix)
+    held = await h0.slots.acquire(APP, "web")
+    key = held.key
+    assert key is not None and held.lease is not None
+    await held.release()
+    # The queue write that a hung member applies when it comes back, after the delete:
+    await put(h0.etcd, key, {"host": "h0", "container": "web", "since": now()}, held.lease.id)
+    waiting = h1.slots.acquire(APP, "web")
+    await sleep(1.0)
+    assert not waiting.called, "the late key holds the line up"
+    sweeper = SlotSweeper(h0.slots, interval=0.5)
+    sweeper.startService()
+    try:
+        slot = await with_timeout(waiting, 5)
+        assert h0.slots.swept == 1
+        assert await slot_keys(h0) == [slot.key]
+        await slot.release()
+    finally:
+        await sweeper.stopService()
 
 
 @pytest_twisted.ensureDeferred

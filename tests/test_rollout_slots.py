@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots
+from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots, SlotSweeper
 from deployer.rollout.gateway import KV_RANGE, KV_TXN, LEASE_GRANT, Gateway
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
@@ -405,3 +405,54 @@ def test_with_two_at_a_time_the_two_next_in_line_look_often() -> None:
     expected = [0, 0] + [10 / POLL_INTERVAL] * 2 + [10 / (2 * POLL_INTERVAL)] * 2
     assert polls == pytest.approx(expected, rel=0.1, abs=1)
     fleet.stop()
+
+
+# -- sweeping keys nothing uses ---------------------------------------------------------------
+
+
+def test_a_queue_write_applied_after_its_delete_is_swept(fleet: Fleet) -> None:
+    h0, h1 = fleet.hosts[0], fleet.hosts[1]
+    lease0, lease1 = h0.keeper.current, h1.keeper.current
+    assert lease0 is not None and lease1 is not None
+    fired(fired(h0.slots.acquire(APP, "h0-web")).release())
+    # h0's queue write to a member that hung is applied when it comes back, after the delete:
+    late = KEYS.slot(APP, lease0.id)
+    fleet.fake.put(late.encode(), b'{"host": "h0", "container": "h0-web", "since": 0}',
+                   lease=lease0.id)
+    other_app = KEYS.slot(OTHER, lease0.id)
+    fleet.fake.put(other_app.encode(), b"{}", lease=lease0.id)
+    waiting = h1.slots.acquire(APP, "h1-web")
+    advance(fleet.clock, 2.0)
+    assert not waiting.called, "the late key holds the line up"
+    third = fired(h0.slots.acquire("myorg/third:qa", "h0-third"))  # in use here: kept
+    assert fired(Deferred.fromCoroutine(h0.slots.sweep())) == 2
+    assert fleet.slot_keys() == [KEYS.slot(APP, lease1.id)], "h1's own key is not h0's to sweep"
+    assert fleet.fake.keys(KEYS.slots(OTHER)) == []
+    assert fleet.fake.keys(KEYS.slots("myorg/third:qa")) == [
+        KEYS.slot("myorg/third:qa", lease0.id)]
+    advance(fleet.clock, NEXT)
+    assert waiting.called
+    assert fired(Deferred.fromCoroutine(h0.slots.sweep())) == 0
+    assert h0.slots.swept == 2
+    fired(third.release())
+
+
+def test_the_sweeper_runs_every_interval_and_survives_etcd_away(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    lease = host.keeper.current
+    assert lease is not None
+    stale = KEYS.slot(APP, lease.id)
+    fleet.fake.put(stale.encode(), b"{}", lease=lease.id)
+    sweeper = SlotSweeper(host.slots, interval=1.0)
+    host.link.cut = True
+    sweeper.startService()  # a first sweep at once
+    try:
+        advance(fleet.clock, 1.5)
+        assert fleet.slot_keys() == [stale], "etcd away: nothing swept, the sweeper goes on"
+        assert sweeper.running
+        host.link.cut = False
+        advance(fleet.clock, 1.0)
+        assert fleet.slot_keys() == []
+        assert host.slots.swept == 1
+    finally:
+        sweeper.stopService()

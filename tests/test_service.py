@@ -462,6 +462,8 @@ def test_fleet_mode_keeps_a_rollout_lease_and_follows_the_engine_events(start: A
     keeper = daemon.service.rollouts.keeper
     assert keeper is not None and keeper.running
     assert keeper.held, keeper.reason
+    sweeper = daemon.service.rollouts.sweeper
+    assert sweeper is not None and sweeper.running
     assert daemon.service.events.running
     assert daemon.request("GET", "/healthz", b"")[0] == 200
 
@@ -469,6 +471,7 @@ def test_fleet_mode_keeps_a_rollout_lease_and_follows_the_engine_events(start: A
 def test_standalone_rollouts_need_no_lease(start: Any) -> None:
     daemon = start()
     assert daemon.service.rollouts.keeper is None
+    assert daemon.service.rollouts.sweeper is None
     assert daemon.service.events.running
 
 

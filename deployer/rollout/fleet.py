@@ -16,6 +16,12 @@ the waiters of an app at once (for a caller that learns of a change some other w
 On one host, the containers of one app take their turns one at a time (a
 :class:`~deployer.rollout.slots.LocalSlots` of 1 in front of etcd). While the lease is lost no
 slot is taken: :meth:`FleetSlots.acquire` waits for the next lease and queues anew.
+
+A queue write that timed out on a member that hung may still be applied when that member comes
+back, after the host retried elsewhere, took its turn and deleted its key: the key is back,
+bound to a lease that the host keeps alive, and holds the app's line up. So every
+:data:`SWEEP_INTERVAL` seconds (:class:`SlotSweeper`), and after each release, the host deletes
+the keys of its lease that no acquisition of its own uses (:meth:`FleetSlots.sweep`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -44,6 +51,9 @@ from deployer.rollout.gateway import (
     key_values,
     revision,
 )
+from deployer.rollout.gateway import (
+    delete as delete_key,
+)
 from deployer.rollout.keys import RolloutKeys, check_hostname
 from deployer.rollout.lease import Lease, LeaseKeeper
 from deployer.rollout.slots import LocalSlots, Slot, after
@@ -53,6 +63,9 @@ POLL_INTERVAL = 0.1
 
 MAX_POLL_INTERVAL = 2.0
 """Seconds between two looks at the queue, at most (hosts far back in the line)."""
+
+SWEEP_INTERVAL = 60.0
+"""Seconds between two sweeps of this host's slot keys that nothing here uses."""
 
 T = TypeVar("T")
 
@@ -92,6 +105,8 @@ class FleetSlots:
         self.polls = 0
         self._deleting: dict[str, Deferred[None]] = {}
         self._sleepers: dict[str, list[Deferred[None]]] = {}
+        self._in_use: set[str] = set()
+        self.swept = 0
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -141,6 +156,7 @@ class FleetSlots:
             if pending is not None:  # an earlier release of this very key is still going
                 await after(pending)
                 continue
+            self._in_use.add(key)
             try:
                 created = await self._enqueue(app, key, container, lease)
                 if created is not None and await self._wait_turn(
@@ -278,6 +294,38 @@ class FleetSlots:
         d.addBoth(woken)
         return d
 
+    # -- keys nothing here uses ---------------------------------------------------------------
+
+    async def sweep(self) -> int:
+        """Delete the slot keys of this host's lease that no acquisition here uses (see the
+        module docstring); how many. Each is deleted only while it is the key that was read."""
+        lease = self.keeper.current
+        if lease is None:
+            return 0
+        _, kvs = await get_prefix(self.gateway, self.keys.rollouts, keys_only=True)
+        swept = 0
+        for kv in kvs:
+            owner = self.keys.slot_owner(kv.key)
+            if owner is None or owner[1] != lease.id or kv.key in self._in_use:
+                continue
+            if await delete_key(self.gateway, kv.key, kv.mod_revision):
+                swept += 1
+                self.log.warn(
+                    "rollout slot key {key} of this host was in no queue of its own (a queue"
+                    " write applied late, after its delete): deleted, so that it holds no line up",
+                    key=kv.key,
+                )
+        self.swept += swept
+        return swept
+
+    async def sweep_logged(self) -> None:
+        """:meth:`sweep`, its failure logged (etcd away: the next sweep tries again)."""
+        try:
+            await self.sweep()
+        except Exception as e:
+            self.log.warn("could not sweep this host's rollout slot keys: {why}",
+                          why=describe(e))
+
     # -- giving a slot back -------------------------------------------------------------------
 
     def _forget(self, app: str, key: str, lease: Lease) -> Deferred[None]:
@@ -291,6 +339,7 @@ class FleetSlots:
             def done(result: object) -> object:
                 if self._deleting.get(key) is pending:
                     del self._deleting[key]
+                    self._in_use.discard(key)
                 return result
 
             pending.addBoth(done)
@@ -314,6 +363,7 @@ class FleetSlots:
 
         if await self._retrying(delete, "free the rollout slot {key}", key=key):
             self.log.debug("rollout slot of {app} freed ({key})", app=app, key=key)
+        Deferred.fromCoroutine(self.sweep_logged())  # never fails; not waited for
 
     def _retrying(self, attempt: Callable[[], Awaitable[T]], what: str, **fields: object
                   ) -> Coroutine[Any, Any, T]:
@@ -335,3 +385,11 @@ def _describe(kv: KeyValue) -> str:
         return f"{value['host']} ({value['container']})"
     except (ValueError, KeyError, TypeError):
         return kv.key
+
+
+class SlotSweeper(TimerService):
+    """Runs :meth:`FleetSlots.sweep` every ``interval`` seconds while the daemon runs."""
+
+    def __init__(self, slots: FleetSlots, interval: float = SWEEP_INTERVAL) -> None:
+        super().__init__(interval, lambda: Deferred.fromCoroutine(slots.sweep_logged()))
+        self.clock = slots.clock

@@ -3,7 +3,8 @@
 :func:`fleet` (with etcd) and :func:`standalone` (without) give the same :class:`Rollouts`; the
 round and the web layer use only that. In fleet mode :attr:`Rollouts.keeper` is a service to
 start with the daemon (and stop: that revokes the lease, so the host's slots and status go at
-once); standalone has none.
+once), and so is :attr:`Rollouts.sweeper` (the sweeps of slot keys nothing uses); standalone
+has neither.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import attrs
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from deployer.rollout.builds import Builds, EtcdBuilds
-from deployer.rollout.fleet import FleetSlots
+from deployer.rollout.fleet import FleetSlots, SlotSweeper
 from deployer.rollout.gateway import Gateway
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import DEFAULT_TTL, LeaseKeeper
@@ -34,8 +36,9 @@ from deployer.rollout.status import (
 class Rollouts:
     """``slots`` to take before a replacement; ``pauses``; ``publish`` what this host runs;
     ``status`` answers ``GET /status``; ``keeper`` (fleet only) says whether the host holds its
-    lease (``held``, ``reason``: for ``/healthz``); ``builds`` (fleet only) the build each
-    app's rollout deploys, so that every host deploys the same one."""
+    lease (``held``, ``reason``: for ``/healthz``); ``sweeper`` (fleet only) deletes slot keys
+    of this host that nothing uses; ``builds`` (fleet only) the build each app's rollout
+    deploys, so that every host deploys the same one."""
 
     slots: Slots
     pauses: Pauses
@@ -43,6 +46,7 @@ class Rollouts:
     status: StatusReader
     keeper: LeaseKeeper | None = None
     builds: Builds | None = None
+    sweeper: IService | None = None
 
 
 def fleet(
@@ -65,6 +69,7 @@ def fleet(
         status=EtcdStatus(gateway, keys, clock, limit=max_unavailable),
         keeper=keeper,
         builds=EtcdBuilds(gateway, keys),
+        sweeper=SlotSweeper(slots),
     )
 
 
