@@ -19,6 +19,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionRefusedError, TimeoutError
 from twisted.logger import Logger
+from twisted.web._newclient import RequestGenerationFailed
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 from twisted.web.iweb import IAgent, IResponse
 
@@ -52,7 +53,8 @@ CLIENT_API_VERSION = "1.41"
 MIN_API_VERSION = "1.24"
 
 _ID_RE = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$")
-_CONNECTION_ERRORS = (ConnectError, ConnectionRefusedError, TimeoutError, ResponseFailed, OSError)
+_CONNECTION_ERRORS = (ConnectError, ConnectionRefusedError, TimeoutError, ResponseFailed,
+                      RequestGenerationFailed, OSError)
 
 
 def looks_like_id(image: str) -> bool:

@@ -50,6 +50,7 @@ from deployer.reference import InvalidReference
 from deployer.replace import Replacement, ReplaceMode, Replacer, wanted_mode
 from deployer.replacers import RefusingReplacer, Tagger, tag_back
 from deployer.rollout.keys import app_name
+from deployer.rollout.lease import NoLease
 from deployer.rollout.pause import PauseRecord
 from deployer.rollout.slots import Slot
 from deployer.rollout.wiring import Rollouts
@@ -303,7 +304,7 @@ class Rollout:
             if not turn.called:
                 turn.errback(failure)
                 paused.cancel()
-            elif not failure.check(CancelledError):
+            elif not failure.check(CancelledError, NoLease):  # NoLease: the daemon stops
                 log.failure("waiting for a slot of {app} for {name}", failure, app=app,
                             name=container)
 

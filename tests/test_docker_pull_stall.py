@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestGenerationFailed
 from twisted.web.client import ResponseDone, ResponseFailed
 from zope.interface import implementer
 
@@ -197,3 +198,27 @@ def test_a_request_the_engine_never_answers_times_out_on_the_clients_clock() -> 
         fired(d)
     assert client._version is None  # asked again once the engine is back
     assert clock.getDelayedCalls() == []
+
+
+class CutShortAgent(HangingAgent):
+    """A cancelled request fails as the agent's does while it still writes the body."""
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[Any]:
+        self.requests.append((method.decode(), uri.decode()))
+
+        def cancel(d: Deferred[Any]) -> None:
+            self.cancelled += 1
+            d.errback(RequestGenerationFailed([Failure(CancelledError())]))
+
+        return Deferred(cancel)
+
+
+def test_a_request_cancelled_while_its_body_is_written_is_a_cancellation() -> None:
+    client = DockerClient(Clock(), CutShortAgent())
+    client._version = "1.41"
+    d = Deferred.fromCoroutine(client.set_restart_policy("web", {"Name": "no"}))
+    d.cancel()
+    with pytest.raises(CancelledError):
+        fired(d)
+    assert client._version == "1.41", "the engine is not taken for gone"

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
 from deployer.rollout.fleet import MAX_POLL_INTERVAL, POLL_INTERVAL, FleetSlots, SlotSweeper
-from deployer.rollout.gateway import KV_RANGE, KV_TXN, LEASE_GRANT, Gateway
+from deployer.rollout.gateway import KV_RANGE, KV_TXN, LEASE_GRANT, Gateway, delete
 from deployer.rollout.keys import RolloutKeys
 from deployer.rollout.lease import LeaseKeeper
 from deployer.rollout.slots import LocalSlots, Slot
@@ -456,3 +456,61 @@ def test_the_sweeper_runs_every_interval_and_survives_etcd_away(fleet: Fleet) ->
         assert host.slots.swept == 1
     finally:
         sweeper.stopService()
+
+
+def test_taking_its_own_leftover_key_rewrites_it_so_a_sweep_in_flight_misses(
+    fleet: Fleet,
+) -> None:
+    host = fleet.hosts[0]
+    lease = host.keeper.current
+    assert lease is not None
+    key = KEYS.slot(APP, lease.id)
+    fleet.fake.put(key.encode(), b"{}", lease=lease.id)  # left by an earlier wait
+    read = fleet.fake.kvs[key.encode()]
+    slot = fired(host.slots.acquire(APP, "h0-web"))
+    assert slot.key == key
+    kept = fleet.fake.kvs[key.encode()]
+    assert kept.create_revision == read.create_revision, "its place in line"
+    assert kept.mod_revision > read.mod_revision
+    # The delete of a sweep that read the key before it was taken: guarded, it misses.
+    assert not fired(Deferred.fromCoroutine(delete(host.link.etcd, key, read.mod_revision)))
+    assert fleet.slot_keys() == [key]
+    fired(slot.release())
+    assert fleet.slot_keys() == []
+
+
+def test_a_release_deletes_only_the_key_it_created(fleet: Fleet) -> None:
+    host = fleet.hosts[0]
+    lease = host.keeper.current
+    assert lease is not None
+    slot = fired(host.slots.acquire(APP, "h0-web"))
+    key = KEYS.slot(APP, lease.id)
+    # As if the release were applied late, after a later wait of this host made the key anew:
+    fleet.fake.delete(key.encode())
+    fleet.fake.put(key.encode(), b"{}", lease=lease.id)
+    fired(slot.release())
+    assert fleet.slot_keys() == [key]
+
+
+class HangingGateway:
+    def __init__(self) -> None:
+        self.asked: list[Deferred[Any]] = []
+
+    def request(self, path: str, body: dict[str, Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.append(d)
+        return d
+
+
+def test_stopping_the_sweeper_gives_up_a_sweep_that_etcd_does_not_answer(
+    fleet: Fleet,
+) -> None:
+    host = fleet.hosts[0]
+    gateway = HangingGateway()
+    slots = FleetSlots(gateway, host.keeper, KEYS, fleet.clock, hostname="h0")
+    sweeper = SlotSweeper(slots, interval=60.0)
+    sweeper.startService()
+    assert len(gateway.asked) == 1
+    stopped = sweeper.stopService()
+    assert stopped.called, "not held up by the hung request"
+    assert gateway.asked[0].called  # cancelled

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -128,7 +128,7 @@ class FleetSlots:
         started = self.clock.seconds()
         turn = await self.local.acquire(app, container)
         try:
-            key, lease = await self._take(app, container)
+            key, lease, created = await self._take(app, container)
         except BaseException:
             turn.release()
             raise
@@ -142,13 +142,13 @@ class FleetSlots:
         )
 
         def release() -> Deferred[None]:
-            done = self._forget(app, key, lease)  # registered before the next local turn
+            done = self._forget(app, key, lease, created)  # before the next local turn
             turn.release()
             return done
 
         return Slot(app, container, waited, key=key, lease=lease, release=release)
 
-    async def _take(self, app: str, container: str) -> tuple[str, Lease]:
+    async def _take(self, app: str, container: str) -> tuple[str, Lease, int]:
         while True:
             lease = await self.keeper.wait()
             key = self.keys.slot(app, lease.id)
@@ -157,24 +157,23 @@ class FleetSlots:
                 await after(pending)
                 continue
             self._in_use.add(key)
+            created: int | None = None
             try:
                 created = await self._enqueue(app, key, container, lease)
                 if created is not None and await self._wait_turn(
                     app, key, container, created, lease
                 ):
-                    return key, lease
+                    return key, lease, created
             except BaseException:
-                self._forget(app, key, lease)
+                self._forget(app, key, lease, created)
                 raise
-            self._forget(app, key, lease)
+            self._forget(app, key, lease, created)
 
     async def _enqueue(self, app: str, key: str, container: str, lease: Lease) -> int | None:
         """Write this host's key; its create revision, or None once the lease is lost."""
         value = {"host": self.hostname, "container": container, "since": self.clock.seconds()}
         body = {
-            "compare": [
-                {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
-            ],
+            "compare": [_created_at(key, 0)],  # no such key yet
             "success": [
                 {"request_put": {"key": b64(key), "value": json_value(value),
                                  "lease": str(lease.id)}}
@@ -194,7 +193,9 @@ class FleetSlots:
                 self.keeper.invalidate(lease, "etcd no longer knows it (seen taking a slot)")
                 return None
 
+        first = body
         while True:
+            body = first
             reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
             if reply is None:
                 return None
@@ -206,7 +207,16 @@ class FleetSlots:
                 continue  # deleted between the compare and the read: try again
             if existing[0].lease != lease.id:
                 raise EtcdError(f"{key} is bound to lease {existing[0].lease:x}, not ours")
-            return existing[0].create_revision  # ours, left by an earlier wait: our place
+            # Ours, left by an earlier wait: our place. Written again (while it is that key),
+            # so that a sweep's delete of it, guarded by the revision it read, misses.
+            place = existing[0].create_revision
+            body = {"compare": [_created_at(key, place)], "success": first["success"]}
+            reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
+            if reply is None:
+                return None
+            if reply.get("succeeded", False):
+                return place
+            # gone or changed meanwhile: queue anew
 
     async def _wait_turn(
         self, app: str, key: str, container: str, created: int, lease: Lease
@@ -322,18 +332,21 @@ class FleetSlots:
         """:meth:`sweep`, its failure logged (etcd away: the next sweep tries again)."""
         try:
             await self.sweep()
+        except CancelledError:
+            pass  # the daemon stops
         except Exception as e:
             self.log.warn("could not sweep this host's rollout slot keys: {why}",
                           why=describe(e))
 
     # -- giving a slot back -------------------------------------------------------------------
 
-    def _forget(self, app: str, key: str, lease: Lease) -> Deferred[None]:
+    def _forget(self, app: str, key: str, lease: Lease,
+                created: int | None = None) -> Deferred[None]:
         """Delete ``key``, retrying until etcd did or the lease is lost (the key then goes
         with it); fires when done, and never fails."""
         pending = self._deleting.get(key)
         if pending is None:
-            pending = Deferred.fromCoroutine(self._delete(app, key, lease))
+            pending = Deferred.fromCoroutine(self._delete(app, key, lease, created))
             self._deleting[key] = pending
 
             def done(result: object) -> object:
@@ -345,11 +358,20 @@ class FleetSlots:
             pending.addBoth(done)
         return after(pending)
 
-    async def _delete(self, app: str, key: str, lease: Lease) -> None:
+    async def _delete(self, app: str, key: str, lease: Lease, created: int | None) -> None:
+        """Delete ``key``: only while it is the one created at ``created`` when that is known,
+        so that a delete applied late never takes a later wait's key."""
+
         async def delete() -> bool:
             """Whether this deleted the key (False: it goes with its lost lease)."""
             try:
-                await call(self.gateway, KV_DELETE, {"key": b64(key)})
+                if created is None:
+                    await call(self.gateway, KV_DELETE, {"key": b64(key)})
+                else:
+                    await call(self.gateway, KV_TXN, {
+                        "compare": [_created_at(key, created)],
+                        "success": [{"request_delete_range": {"key": b64(key)}}],
+                    })
             except Exception as e:
                 if lease.alive:
                     raise
@@ -378,6 +400,13 @@ class FleetSlots:
         return retrying(self.retry, self.clock, attempt, failed)
 
 
+def _created_at(key: str, created: int) -> dict[str, str]:
+    """The compare of a transaction that acts only on ``key`` as it was created at revision
+    ``created`` (not a later key of the same name)."""
+    return {"key": b64(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": str(created)}
+
+
 def _describe(kv: KeyValue) -> str:
     """``host (container)`` of a slot key, for the log."""
     try:
@@ -388,8 +417,21 @@ def _describe(kv: KeyValue) -> str:
 
 
 class SlotSweeper(TimerService):
-    """Runs :meth:`FleetSlots.sweep` every ``interval`` seconds while the daemon runs."""
+    """Runs :meth:`FleetSlots.sweep` every ``interval`` seconds while the daemon runs; a sweep
+    in flight when it stops is given up."""
 
     def __init__(self, slots: FleetSlots, interval: float = SWEEP_INTERVAL) -> None:
-        super().__init__(interval, lambda: Deferred.fromCoroutine(slots.sweep_logged()))
+        super().__init__(interval, self._sweep)
         self.clock = slots.clock
+        self.slots = slots
+        self._sweeping: Deferred[None] | None = None
+
+    def _sweep(self) -> Deferred[None]:
+        self._sweeping = Deferred.fromCoroutine(self.slots.sweep_logged())
+        return self._sweeping
+
+    def stopService(self) -> Deferred[None]:
+        if self._sweeping is not None and not self._sweeping.called:
+            self._sweeping.cancel()
+        stopped: Deferred[None] = super().stopService()
+        return stopped
