@@ -26,7 +26,7 @@ the app's tag back at the previous image.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -34,12 +34,14 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from deployer.backoff import backoff, retrying
 from deployer.container_spec import ContainerSpec, container_spec, refusal
 from deployer.docker import Image
 from deployer.errors import (
     ContainerNotFound,
     DeployerError,
     DockerError,
+    DockerUnavailable,
     ImageNotFound,
     NotFound,
 )
@@ -59,6 +61,8 @@ log = Logger()
 _BUILTIN_MODES = frozenset({"", "default", "bridge", "host", "none"})
 NO_RESTART = {"Name": "no", "MaximumRetryCount": 0}
 RESTARTED_WHEN_STOPPED = frozenset({"always", "on-failure"})
+UNDO_RETRY = backoff(0.5, 10.0)
+"""The delays between two tries of a step of the undo while the engine is away."""
 NEW_SUFFIX = "-deployer-new-"
 OLD_SUFFIX = "-deployer-old-"
 
@@ -344,22 +348,27 @@ class RecreateReplacer:
                      policy=", with restart policy no" if plan.restarts else "")
 
     async def _undo(self, plan: Plan, done: _Done) -> None:
-        """Remove the new container, give the old one its name back and start it; each step is
-        tried even when one before it failed."""
+        """Remove the new container, give the old one its name (and its restart policy) back and
+        start it; each step is tried even when one before it failed, and tried again while the
+        engine is away (a dockerd restarting), for up to ``ready_timeout``: with its policy set
+        aside, nothing else would start the old one again."""
         engine = self.engine
         problems: list[str] = []
+        deadline = self.clock.seconds() + self.rules.ready_timeout
         if done.created:
-            problems += await _attempt("remove the new container", self._remove_new(plan, done),
-                                       missing_ok=True)
+            problems += await self._attempt("remove the new container",
+                                            lambda: self._remove_new(plan, done),
+                                            deadline, missing_ok=True)
         if done.renamed:
-            problems += await _attempt(f"rename {plan.old_name} back to {plan.name}",
-                                       self._name_back(plan))
+            problems += await self._attempt(f"rename {plan.old_name} back to {plan.name}",
+                                            lambda: self._name_back(plan), deadline)
         if done.policy_cleared:
-            problems += await _attempt(
+            problems += await self._attempt(
                 f"give {plan.name} its restart policy {plan.restart_policy.get('Name')} back",
-                engine.set_restart_policy(plan.old_id, plan.restart_policy))
+                lambda: engine.set_restart_policy(plan.old_id, plan.restart_policy), deadline)
         if done.stopped:
-            problems += await _attempt(f"start {plan.name} again", engine.start(plan.old_id))
+            problems += await self._attempt(f"start {plan.name} again",
+                                            lambda: engine.start(plan.old_id), deadline)
         if problems:
             policy = (f" docker update --restart {plan.restart_policy.get('Name')} {plan.name};"
                       if done.policy_cleared else "")
@@ -371,6 +380,26 @@ class RecreateReplacer:
         elif done.stopped:
             log.info("{name}: the previous container {old} runs again", name=plan.name,
                      old=plan.old_id[:12])
+
+    async def _attempt(self, what: str, call: Callable[[], Awaitable[None]], deadline: float,
+                       missing_ok: bool = False) -> list[str]:
+        """``call()``, tried again while the engine is away, until ``deadline`` (on the clock);
+        what went wrong, if anything."""
+
+        def failed(error: Exception, failures: int, delay: float) -> None:
+            if not isinstance(error, DockerUnavailable) \
+                    or self.clock.seconds() + delay > deadline:
+                raise error
+            log.warn("could not {what}: {why}; trying again in {delay:.1f}s", what=what,
+                     why=error, delay=delay)
+
+        try:
+            await retrying(UNDO_RETRY, self.clock, call, failed)
+        except ContainerNotFound:
+            return [] if missing_ok else [f"{what}: the container is gone"]
+        except DockerError as e:
+            return [f"{what}: {e}"]
+        return []
 
     async def _remove_new(self, plan: Plan, done: _Done) -> None:
         if done.new_id is not None:
@@ -388,14 +417,6 @@ class RecreateReplacer:
             await self.engine.rename(plan.old_id, plan.name)
 
 
-async def _attempt(what: str, call: Awaitable[None], missing_ok: bool = False) -> list[str]:
-    try:
-        await call
-    except ContainerNotFound:
-        return [] if missing_ok else [f"{what}: the container is gone"]
-    except DockerError as e:
-        return [f"{what}: {e}"]
-    return []
 
 
 def _short(id_: str) -> str:

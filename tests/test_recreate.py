@@ -255,6 +255,15 @@ def outcome(d: Deferred[Readiness]) -> Readiness:
     return result
 
 
+def settle(h: Host, d: Deferred[Readiness], limit: float = 2 * RULES.ready_timeout) -> float:
+    """Advance the clock (half a second at a time) until ``d`` fires; the time it took."""
+    began = h.clock.seconds()
+    while not d.called:
+        assert h.clock.seconds() - began < limit, "not done"
+        h.clock.advance(0.5)
+    return h.clock.seconds() - began
+
+
 def failure_of(d: Deferred[Any]) -> Failure:
     failures: list[Failure] = []
     d.addErrback(failures.append)
@@ -361,13 +370,31 @@ def test_the_old_one_kept_after_a_failed_removal_keeps_no_restart_policy(h: Host
     assert warning["policy"] == ", with restart policy no"
 
 
+def test_an_engine_that_comes_back_during_the_undo_gets_the_old_one_back(h: Host) -> None:
+    always = {"Name": "always", "MaximumRetryCount": 0}
+    h.old["HostConfig"]["RestartPolicy"] = dict(always)
+    d = h.replace()
+    h.engine.down = True  # dockerd restarting: the new one ended, nothing answers
+    with capturedLogs() as events:
+        h.events.emit("die", h.engine.find(h.new_id()), exitCode="137")
+        h.clock.advance(5.0)
+        assert not d.called
+        h.engine.down = False
+        settle(h, d)
+    assert isinstance(outcome(d), NotReady)
+    h.put_back()
+    assert h.old["HostConfig"]["RestartPolicy"] == always
+    assert not [e for e in events if e["log_level"] is LogLevel.critical]
+    assert any("trying again" in str(e.get("log_format")) for e in events)
+
+
 def test_the_instructions_by_hand_give_the_policy_back(h: Host) -> None:
     h.old["HostConfig"]["RestartPolicy"] = {"Name": "always", "MaximumRetryCount": 0}
     d = h.replace()
     h.engine.down = True
     with capturedLogs() as events:
         h.events.emit("die", h.engine.find(h.new_id()), exitCode="1")
-        outcome(d)
+        settle(h, d)
     (critical,) = [e for e in events if e["log_level"] is LogLevel.critical]
     assert critical["policy"] == " docker update --restart always web;"
 
@@ -430,7 +457,9 @@ def _lost_answer(h: Host, method: str) -> None:
 def test_a_step_carried_out_without_an_answer_is_undone_too(h: Host, method: str) -> None:
     _lost_answer(h, method)
     with capturedLogs():
-        result = outcome(h.replace())
+        d = h.replace()
+        settle(h, d)  # a step the engine did not answer is tried again
+        result = outcome(d)
     assert isinstance(result, NotReady) and "did not answer" in result.detail
     h.put_back()
 
@@ -519,7 +548,10 @@ def test_when_the_engine_goes_away_nothing_is_removed_and_the_log_says_what_to_d
     h.engine.down = True
     with capturedLogs() as events:
         h.events.emit("die", h.engine.find(h.new_id()), exitCode="1")
+        took = settle(h, d)
         result = outcome(d)
+    # the undo was tried again for ready_timeout before it was given up
+    assert RULES.ready_timeout - 10.0 <= took <= RULES.ready_timeout + 4 * 10.0
     assert isinstance(result, NotReady)
     critical = [e for e in events if e["log_level"] is LogLevel.critical]
     assert len(critical) == 1
