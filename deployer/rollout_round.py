@@ -31,7 +31,7 @@ of pauses are retried with a capped backoff while etcd does not answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -278,7 +278,7 @@ class Rollout:
         that holds the line up. Cancelling gives up both."""
         acquiring = self.rollouts.slots.acquire(app, container)
         if acquiring.called:
-            return acquiring.addCallback(lambda slot: slot)
+            return cast("Deferred[Slot | PauseRecord]", acquiring)
         paused = self._paused_while_waiting(app, new_image, digest)
 
         def give_up(_: Deferred[Slot | PauseRecord]) -> None:

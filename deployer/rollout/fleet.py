@@ -38,12 +38,12 @@ from twisted.logger import Logger
 from deployer.backoff import RetryPolicy, backoff, retrying
 from deployer.errors import EtcdError
 from deployer.rollout.gateway import (
-    KV_DELETE,
     KV_TXN,
     Gateway,
     KeyValue,
     b64,
     call,
+    created_at,
     describe,
     get_prefix,
     is_lease_not_found,
@@ -173,7 +173,7 @@ class FleetSlots:
         """Write this host's key; its create revision, or None once the lease is lost."""
         value = {"host": self.hostname, "container": container, "since": self.clock.seconds()}
         body = {
-            "compare": [_created_at(key, 0)],  # no such key yet
+            "compare": [created_at(key, 0)],  # no such key yet
             "success": [
                 {"request_put": {"key": b64(key), "value": json_value(value),
                                  "lease": str(lease.id)}}
@@ -210,7 +210,7 @@ class FleetSlots:
             # Ours, left by an earlier wait: our place. Written again (while it is that key),
             # so that a sweep's delete of it, guarded by the revision it read, misses.
             place = existing[0].create_revision
-            body = {"compare": [_created_at(key, place)], "success": first["success"]}
+            body = {"compare": [created_at(key, place)], "success": first["success"]}
             reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
             if reply is None:
                 return None
@@ -365,13 +365,7 @@ class FleetSlots:
         async def delete() -> bool:
             """Whether this deleted the key (False: it goes with its lost lease)."""
             try:
-                if created is None:
-                    await call(self.gateway, KV_DELETE, {"key": b64(key)})
-                else:
-                    await call(self.gateway, KV_TXN, {
-                        "compare": [_created_at(key, created)],
-                        "success": [{"request_delete_range": {"key": b64(key)}}],
-                    })
+                await delete_key(self.gateway, key, create_revision=created or 0)
             except Exception as e:
                 if lease.alive:
                     raise
@@ -398,13 +392,6 @@ class FleetSlots:
                           why=describe(error), delay=delay, **fields)
 
         return retrying(self.retry, self.clock, attempt, failed)
-
-
-def _created_at(key: str, created: int) -> dict[str, str]:
-    """The compare of a transaction that acts only on ``key`` as it was created at revision
-    ``created`` (not a later key of the same name)."""
-    return {"key": b64(key), "target": "CREATE", "result": "EQUAL",
-            "create_revision": str(created)}
 
 
 def _describe(kv: KeyValue) -> str:

@@ -188,9 +188,17 @@ async def put(gateway: Gateway, key: str, value: Any, lease: int = 0) -> int:
     return revision(await gateway.request(KV_PUT, body))
 
 
-async def delete(gateway: Gateway, key: str, mod_revision: int = 0) -> bool:
-    """Delete ``key`` (only while its ``mod_revision`` is the one given, unless 0); whether a
-    key was deleted."""
+def created_at(key: str, create_revision: int) -> dict[str, str]:
+    """The compare of a transaction that acts only on ``key`` as it was created at revision
+    ``create_revision`` (0: only while there is no such key), not a later key of that name."""
+    return {"key": b64(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": str(create_revision)}
+
+
+async def delete(gateway: Gateway, key: str, mod_revision: int = 0,
+                 create_revision: int = 0) -> bool:
+    """Delete ``key`` (only while its ``mod_revision``, and its ``create_revision``, are the
+    ones given, unless 0); whether a key was deleted."""
     request = {"request_delete_range": {"key": b64(key)}}
     compare = []
     if mod_revision:
@@ -198,6 +206,8 @@ async def delete(gateway: Gateway, key: str, mod_revision: int = 0) -> bool:
             {"key": b64(key), "target": "MOD", "result": "EQUAL",
              "mod_revision": str(mod_revision)}
         )
+    if create_revision:
+        compare.append(created_at(key, create_revision))
     reply = await gateway.request(KV_TXN, {"compare": compare, "success": [request]})
     if not reply.get("succeeded", False):
         return False
