@@ -150,7 +150,8 @@ def test_a_push_recreates_a_docker_run_container_with_everything_kept(
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
     # The restart policy holds: when its process ends, the engine starts it again.
-    engine.cli("exec", name, "sh", "-c", "kill -TERM 1")
+    # Detached: the exec's own shell dies with the container (exit 137) when PID 1 ends.
+    engine.cli("exec", "-d", name, "sh", "-c", "kill -TERM 1")
     wait_until(lambda: running(engine, name)["State"]["Running"]
                and running(engine, name)["RestartCount"] >= 1, 30, "restarted by dockerd", 0.2)
     assert running(engine, name)["Image"] == v2.image_id

@@ -106,7 +106,10 @@ class FleetSlots:
         self._deleting: dict[str, Deferred[None]] = {}
         self._sleepers: dict[str, list[Deferred[None]]] = {}
         self._in_use: set[str] = set()
+        self.sweeps = 0
+        """Sweeps done (each a read of this host's keys, then their deletes)."""
         self.swept = 0
+        """Keys deleted by the sweeps."""
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -326,6 +329,7 @@ class FleetSlots:
                     key=kv.key,
                 )
         self.swept += swept
+        self.sweeps += 1
         return swept
 
     async def sweep_logged(self) -> None:
