@@ -190,8 +190,13 @@ class Fleet:
         return published
 
     def start_daemons(self, *extra: str) -> None:
+        """A daemon on each host. Each set of daemons logs in a directory of its own: a log is
+        named by the daemon's port, and a port freed by an earlier set can be handed out again
+        (its log would then begin with the earlier daemon's lines)."""
+        workdir = self.workdir / f"daemons-{sum(1 for _ in self.workdir.glob('daemons-*'))}"
+        workdir.mkdir()
         for host in self.hosts:
-            host.daemon = Daemon(self.workdir, [
+            host.daemon = Daemon(workdir, [
                 "--docker", host.engine.url,
                 "--etcd_nodes", self.etcd.client_url,
                 "--etcd_prefix", self.prefix,
