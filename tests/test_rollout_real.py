@@ -239,8 +239,9 @@ async def test_max_unavailable_two_holds_two_at_once_never_three(
     took = now() - started
     assert record.most == 2
     assert record.order[:2] == ["h0", "h1"] and sorted(record.order) == [f"h{i}" for i in range(5)]
-    # three waves of two (3 holds and two handoffs), not five in a row (at least 5 holds)
-    assert took < 4 * hold
+    # three waves of two (3 holds and two handoffs), not five in a row (at least 5 holds,
+    # which no run one at a time can beat)
+    assert took < 5 * hold
     print(f"5 hosts, 2 at a time, {hold} s each: {took:.2f} s")
 
 
