@@ -176,3 +176,27 @@ def test_one_member_with_a_3s_timeout_answers_every_write_within_3s() -> None:
     # given up on, and the third (which arrived at 3.5 s) is sent at once, not at 7 s.
     sent = [t - 1000 for t, _, path in rig.net.log if path == "/v3/kv/txn"]
     assert sent == pytest.approx([0.0, 3.0, 4.0])
+
+
+def test_the_member_the_watch_is_on_is_checked_after_a_write_moved_on_from_it() -> None:
+    """A write that member 1 never answered (sent before it hung, so the checks that came after
+    it still passed) times out and moves the member in use on before the next check: that check
+    must still go to the member the watch is on, or the watch stays on the hung member."""
+    rig = make_rig(HOSTS)
+    service, got = rig.watch()
+    assert service.live and rig.fake.open_watches[0].member == "10.0.0.1"
+    rig.net.hang["/v3/kv/txn"] = lambda host: TimeoutError(f"{host}: no answer")
+    write = Answer(rig, rig.etcd.record(u("myorg/stuck")))
+    rig.advance(T - 0.5)  # a check at 2 s and at 4 s, both answered
+    assert service.live and rig.etcd.members.current == 0
+    del rig.net.hang["/v3/kv/txn"]
+    rig.fake.freeze("10.0.0.1")  # 0.5 s after the last check; the write times out in 0.5 s
+    until(rig, lambda: write.at is not None, 1.0)
+    assert not write.failed, "retried on the next member"
+    assert rig.etcd.members.current == 1
+    noticed = until(rig, lambda: not service.live, 2 * T)
+    assert noticed <= PROBE_INTERVAL + T
+    assert service.reason.startswith("http://10.0.0.1:2379: EtcdUnavailable: no answer to the")
+    until(rig, lambda: service.live, 1.0)
+    assert rig.fake.open_watches[-1].member == "10.0.0.2"
+    until(rig, lambda: "myorg/stuck" in [x.pattern for x in got], 1.0)

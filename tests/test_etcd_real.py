@@ -60,7 +60,9 @@ class Clients:
 
     def etcd(self, nodes: tuple[str, ...] | list[str], prefix: str,
              max_backoff: float = MAX_BACKOFF, **config: Any) -> Etcd:
-        config.setdefault("dial_timeout", 2.0)
+        # The daemon's default: a write's budget (members x dial_timeout) covers the batches
+        # ahead of it, each of them one fsync that a loaded machine can stall for a second.
+        config.setdefault("dial_timeout", 5.0)
         config.setdefault("retry_delay", 0.1)
         settings = EtcdConfig(nodes=tuple(nodes), prefix=prefix, **config)
         etcd = Etcd(reactor, settings, max_backoff=max_backoff)
@@ -260,7 +262,9 @@ async def test_compaction_during_an_outage_causes_a_full_resync(
     (member,) = (await in_thread(etcd_cluster, 1)).members
     proxy = tcp_proxy(member.client_url, byte_by_byte=False)
     writer = clients.etcd([member.client_url], etcd_prefix)
-    reader = clients.etcd([proxy.url], etcd_prefix, retry_delay=0.05)
+    # Backoff capped at 1 s: however long the outage below lasts (writes, an etcdctl process),
+    # the watch tries again within a second of the unblock.
+    reader = clients.etcd([proxy.url], etcd_prefix, retry_delay=0.05, max_backoff=1.0)
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)
@@ -303,9 +307,9 @@ async def test_cluster_member_in_use_dies(
     # after the kill needs no election.
     order = [cluster.urls[follower], cluster.urls[leader], cluster.urls[other]]
     writer = clients.etcd(order, etcd_prefix)
-    # The watch waits 1-2 s before it moves, so that u2 below (a failover and one commit) is
-    # written while it is down.
-    reader = clients.etcd(order, etcd_prefix, retry_delay=2.0)
+    # The watch waits 2-4 s before it moves, so that u2 below (a failover and one commit, which
+    # a loaded machine can hold up for a second or more) is written while it is down.
+    reader = clients.etcd(order, etcd_prefix, retry_delay=4.0)
     got = Collector()
     watch = clients.watch(reader, got)
     await wait_for(lambda: watch.live)

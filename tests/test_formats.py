@@ -944,7 +944,7 @@ class HookReceiver(Resource):
             "content_type": request.getHeader(b"content-type"),
             "event_ids": [],
             "updates": [],
-            "fresh": [],
+            "fresh": None,  # a list once the updates are acted on
         }
         self.deliveries.append(delivery)
         try:
@@ -1079,7 +1079,7 @@ async def test_real_registry_notifications(
         digest = await push_image(http_client, registry.url, "myorg/foo", "qa")
         # The first answer is "lost" (500): the registry must send the same event again.
         await receiver.until(
-            lambda: any(d["updates"] and not d["fresh"] for d in receiver.deliveries)
+            lambda: any(d["updates"] and d["fresh"] == [] for d in receiver.deliveries)
         )
         by_digest = await push_image(http_client, registry.url, "myorg/foo", "by-digest")
         digest2 = await push_image(http_client, registry.url, "myorg/bar", "v2")

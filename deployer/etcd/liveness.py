@@ -1,20 +1,24 @@
-"""The liveness check of the member in use: a hung member is noticed within ``2 x dial_timeout``.
+"""The liveness check of the watch's member: a hung member is noticed within ``2 x dial_timeout``.
 
 A member stopped with SIGSTOP, swapping, or behind a network that drops packets still has its
 connections accepted (by the kernel, or by nobody at all), so nothing fails: requests simply
 never get an answer and a watch stream stays open and silent. :class:`MemberProbe` asks the
-member in use for something cheap, a serializable count of one key (with
-``Grpc-Metadata-hasleader``, so a member cut off from its leader fails it too), every
-:data:`PROBE_INTERVAL` seconds (at most ``dial_timeout``), each within ``dial_timeout``. A member
-that fails it (no answer in time, a refused connection, a 5xx such as ``etcdserver: no leader``)
-is marked failed, so that the member in use moves to the next one, and every listener is told
+member that :attr:`~MemberProbe.target` names (the one the watch's stream is on) for something
+cheap, a serializable count of one key (with ``Grpc-Metadata-hasleader``, so a member cut off
+from its leader fails it too), every :data:`PROBE_INTERVAL` seconds (at most ``dial_timeout``),
+each within ``dial_timeout``. A member that fails it (no answer in time, a refused connection, a
+5xx such as ``etcdserver: no leader``) is marked failed, so that the member in use moves to the
+next one if it was still in use, and every listener is told
 (the watch then ends its stream on that member and fails over; writes already go to the next
 member). So a member that stops answering is noticed at most ``interval + dial_timeout <= 2 x
 dial_timeout`` after its last answer.
 
-The check runs only while :attr:`MemberProbe.active` says so: the watch starts and stops the
-probe with itself and runs the check while its stream is established; while it is not, its own
-attempts, each within ``dial_timeout``, find the members that answer.
+The check runs only while :attr:`MemberProbe.target` names a member: the watch starts and stops
+the probe with itself and names its member while its stream is established; while it is not,
+its own attempts, each within ``dial_timeout``, find the members that answer. The check goes to
+the watch's member even when it is no longer the member in use: a write that timed out there
+(sent before the member hung, so that the checks after it still passed) moves the member in use
+on, and a check of the new one would leave the watch on the hung member.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ PROBE_INTERVAL = 2.0
 
 
 class MemberProbe(LoopService):
-    """Checks the member in use every :attr:`interval` seconds while :attr:`active` returns
-    True, for as long as the service runs (see the module docstring); :attr:`listeners` are
-    called with ``(url, why)`` when it fails."""
+    """Checks member :attr:`target` every :attr:`interval` seconds while it names one (an index
+    in the members, or None), for as long as the service runs (see the module docstring);
+    :attr:`listeners` are called with ``(url, why)`` when it fails."""
 
     log = Logger()
 
@@ -54,7 +58,7 @@ class MemberProbe(LoopService):
         self.gateway = gateway
         self.interval = min(interval, gateway.dial_timeout)
         self.body = {"key": b64encode(key).decode(), "serializable": True, "count_only": True}
-        self.active: Callable[[], bool] = lambda: True
+        self.target: Callable[[], int | None] = lambda: gateway.members.current
         self.listeners: list[Callable[[str, str], object]] = []
         self.checks = 0
         self.failures = 0
@@ -66,9 +70,9 @@ class MemberProbe(LoopService):
         members = self.gateway.members
         while self.running:
             await deferLater(self.reactor, self.interval)  # a cancel raises CancelledError
-            if not self.active():
+            index = self.target()
+            if index is None:
                 continue
-            index = members.current
             url = members.nodes[index]
             self.checks += 1
             try:

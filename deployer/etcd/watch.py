@@ -22,7 +22,8 @@ itself) unless ``--strong_consistency`` asks for linearizable ones.
 says why not (``/healthz`` answers 503 with it). A member that stops answering while the stream
 is established (stopped, swapping, behind a black-holing network) sends nothing, and nothing
 fails: the service's :class:`~deployer.etcd.liveness.MemberProbe` checks that member every
-couple of seconds, and when it fails the stream is ended (``live`` turns False, with the
+couple of seconds (that member, even once a write that timed out there has moved the member in
+use on), and when it fails the stream is ended (``live`` turns False, with the
 reason) and the watch fails over, within ``2 x dial_timeout`` of the member's last answer. While
 no member answers, each attempt fails within ``dial_timeout`` and ``live`` stays False. A stream
 silent for :data:`WATCH_IDLE_TIMEOUT` is presumed dead, whatever the check says.
@@ -111,12 +112,13 @@ class WatchService(LoopService):
                                     rng=rng)
         self._failures = 0
         self._url = ""
+        self._index = 0  # of the member of the stream, which writes may have moved on from
         self._quiet: IDelayedCall | None = None
         self._reader: JSONLinesReader | None = None
         self.probe = probe
         if probe is not None:
             probe.listeners.append(self._member_failed)
-            probe.active = lambda: self.live
+            probe.target = lambda: self._index if self.live else None
         self.revision = 0  # the last revision processed; the watch resumes after it
         self.live = False
         self.reason = "not started"
@@ -154,7 +156,7 @@ class WatchService(LoopService):
         members = self._gateway.members
         resync = True
         while self.running:
-            index = members.current
+            index = self._index = members.current
             url = members.nodes[index]
             try:
                 if resync:
