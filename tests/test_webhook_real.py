@@ -118,7 +118,7 @@ def test_a_docker_push_alone_deploys(
 
     v2_id = image_builder.build(builder, ref, "v2")
     v2_digest = image_builder.push(builder, ref)  # and nothing else
-    supervisor.wait_running_image_blocking(v2_id, timeout=30)
+    supervisor.wait_running_image_blocking(v2_id, timeout=60)
     assert clean_dockerd.image_id(ref) == v2_id
 
     # Each manifest push was acted on once; blob pushes were acknowledged and ignored.
@@ -133,7 +133,7 @@ def test_a_docker_push_alone_deploys(
     assert len(accepted(v1_digest)) == 1, log[-3000:]
     assert len(accepted(v2_digest)) == 1, log[-3000:]
     # The round is counted once the replacement is ready (running for --min_ready).
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while metrics(daemon).get(("deployer_containers_stopped_total", ())) != 1:
         assert time.monotonic() < deadline, daemon.log()[-3000:]
         time.sleep(0.2)
@@ -350,6 +350,6 @@ def test_callback_url_on_loopback_is_never_called(
                                   dockerhub("myorg/foo", f"https://127.0.0.1:{port}/hook"))
     assert status == 202
     try:
-        wait_until(lambda: listener.connections > 0, 10, "a callback to the allowed host")
+        wait_until(lambda: listener.connections > 0, 30, "a callback to the allowed host")
     except Exception as e:
         raise AssertionError(f"{e}\n{log_tail(allowed.log_path)}") from None
