@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 from tests.stack.daemon import Daemon
-from tests.stack.docker_stack import Dockerd, ImageBuilder, Supervisor, run_container, unique
+from tests.stack.docker_stack import (
+    Dockerd,
+    ImageBuilder,
+    Supervisor,
+    run_container,
+    unique,
+    wait_until,
+)
 
 pytestmark = pytest.mark.real
 
@@ -70,9 +77,11 @@ def test_webhook_deploys_the_new_image_to_the_supervised_container(
     )
     assert status == 202, body
     assert body["status"] == "accepted"
-    supervisor.wait_running_image_blocking(v2.image_id, timeout=30)
+    supervisor.wait_running_image_blocking(v2.image_id, timeout=60)
     assert clean_dockerd.image_id(ref) == v2.image_id
-    assert "stopped" in daemon.log()
+    # logged once the engine answered the stop, which may come after the supervisor's restart
+    wait_until(lambda: f"stopped {supervisor.name} (" in daemon.log(), 30, "the stop logged",
+               0.2)
 
 
 def test_refused_webhooks_change_nothing(
@@ -118,7 +127,7 @@ def test_token_in_query_string(
         dockerhub_payload(f"{image_builder.registry.host}/{repo}", "qa"), auth=False,
     )
     assert status == 202
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while clean_dockerd.image_id(ref) != v2.image_id and time.monotonic() < deadline:
         time.sleep(0.1)
     assert clean_dockerd.image_id(ref) == v2.image_id
@@ -144,7 +153,7 @@ def test_repull_at_start_updates_everything(
     container = run_container(clean_dockerd, ref, unique("c"))
     v2 = image_builder.publish(ref, "v2")
     daemon_factory("--docker", clean_dockerd.url, "--repull_period", "1h")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         state = clean_dockerd.inspect(container)
         if state is not None and not state["State"]["Running"]:
@@ -195,7 +204,7 @@ class _Recorder:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def wait(self, path: str, timeout: float = 20.0) -> dict[str, Any]:
+    def wait(self, path: str, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p, body in self.posts:
@@ -252,14 +261,15 @@ def test_sigterm_ends_the_daemon_while_etcd_never_answers(
         port = silent.getsockname()[1]
         daemon = Daemon(tmp_path, ["--docker", clean_dockerd.url, "--repull_period", "0",
                                    "--etcd_nodes", f"http://127.0.0.1:{port}",
-                                   "--etcd_dial_timeout", "30s"])
+                                   "--etcd_dial_timeout", "120s"])
         daemon.start(healthy=False)
         status, body = daemon.get("/healthz")
         assert status == 503 and "etcd" in body["error"]
         started = time.monotonic()
-        code = daemon.stop(timeout=10)
+        # well before the dial timeout, which a daemon waiting for etcd would wait out
+        code = daemon.stop(timeout=30)
         assert code in (0, -signal.SIGTERM), daemon.log()[-2000:]
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30
         assert "Traceback" not in daemon.log()
     finally:
         silent.close()
@@ -270,7 +280,8 @@ def test_sigterm_ends_the_daemon_while_etcd_never_answers(
 
 class Tricklers:
     """``count`` connections to ``port``, opened 64 at a time, that send a request one byte a
-    second, forever; records when each was opened and when the daemon closed it."""
+    second, forever; records when each was asked for and opened (as its thread saw it, which
+    may be after the daemon accepted it), and when the daemon closed it."""
 
     def __init__(self, port: int, count: int) -> None:
         import queue
@@ -279,6 +290,7 @@ class Tricklers:
         from concurrent.futures import ThreadPoolExecutor
 
         self.count = count
+        self.asked: dict[int, float] = {}
         self.opened: dict[int, float] = {}
         self.closed: dict[int, float] = {}
         self._sockets: dict[int, socket.socket] = {}
@@ -289,6 +301,7 @@ class Tricklers:
         self._thread.start()
 
         def open_one(index: int) -> None:
+            self.asked[index] = time.monotonic()
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.setblocking(False)
             self.opened[index] = time.monotonic()
@@ -386,6 +399,9 @@ def test_a_flood_of_trickling_connections_locks_nobody_out(
         tricklers.wait_all_closed(request_timeout + 5)
         assert len(tricklers.closed) == 1100, f"{1100 - len(tricklers.closed)} still open"
         lived = sorted(tricklers.closed[i] - tricklers.opened[i] for i in range(1100))
+        # Its deadline runs from its accept, which comes after the connection was asked for
+        # but may come before its thread (one of 64, on a loaded machine) saw it open.
+        at_least = sorted(tricklers.closed[i] - tricklers.asked[i] for i in range(1100))
     finally:
         tricklers.stop()
     assert lived[-1] < request_timeout + 3, lived[-10:]
@@ -402,7 +418,7 @@ def test_a_flood_of_trickling_connections_locks_nobody_out(
     assert dropped["evicted"] > 0, dropped
     assert dropped["evicted"] + dropped["refused"] >= 1100 - 896, dropped
     assert dropped["timeout"] >= 500, dropped
-    assert lived[-int(dropped["timeout"])] >= request_timeout - 0.5, lived[:10]
+    assert at_least[-int(dropped["timeout"])] >= request_timeout - 0.5, at_least[:10]
     assert m[("deployer_http_connections", ())] <= 2
     assert m[("deployer_process_max_fds", ())] == 1024
     log = daemon.log()
@@ -445,7 +461,7 @@ def test_bare_queries_and_referers_never_reach_the_log(
         '"GET /nothing?*** HTTP/1.1" 404',
         '"POST /api/deploy?a=***&*** HTTP/1.1" 400',
     ]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not all(line in daemon.log() for line in expected_lines):
         assert time.monotonic() < deadline, daemon.log()[-3000:]
         time.sleep(0.1)

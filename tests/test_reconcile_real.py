@@ -272,7 +272,10 @@ async def test_a_hung_registry_stalls_only_its_own_pull(
     ready)."""
     fake = hanging_registry
     fake_host = fake.host
-    stall = 10.0  # the other round (pull, stop, re-created by the supervisor, 1 s ready) fits
+    # The other round (pull, stop, re-created by the supervisor, 1 s ready) fits well within
+    # it: ~2 s on a loaded 2-core machine (load 6.7), and every docker CLI call of the
+    # supervisor and each engine call is slower when CPU-starved.
+    stall = 15.0
     engine = await Engine(clean_dockerd, pull_stall_timeout=stall).start()
     try:
         ok = image_builder.ref(unique("app"), "qa")

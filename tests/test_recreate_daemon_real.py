@@ -155,8 +155,10 @@ def test_a_push_recreates_a_docker_run_container_with_everything_kept(
     wait_until(lambda: running(engine, name)["State"]["Running"]
                and running(engine, name)["RestartCount"] >= 1, 30, "restarted by dockerd", 0.2)
     assert running(engine, name)["Image"] == v2.image_id
-    log = daemon.log()
-    assert f"re-created {name} on" in log
+    # The daemon logs it once the old container's removal is answered, which may come after
+    # the test saw the old one gone.
+    wait_until(lambda: f"re-created {name} on" in daemon.log(), 30, "the re-creation logged",
+               0.2)
     assert v1.image_id != v2.image_id
 
 

@@ -343,7 +343,9 @@ async def test_a_dockerd_restart_mid_swap_does_not_start_the_old_container_again
     the policy it had."""
     engine: Dockerd = await threads.deferToThread(dockerd_factory)
     host = Host(engine)
-    host.replacer.rules = ReadyRules(min_ready=4.0, ready_timeout=20.0)
+    # The restart must come while the new container waits to be ready: between the test
+    # seeing it run and the restart, a loaded machine may stall for seconds.
+    host.replacer.rules = ReadyRules(min_ready=10.0, ready_timeout=30.0)
     host.events.startService()
     try:
         app, name = f"{unique('app')}:qa", unique("web")

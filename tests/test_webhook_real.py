@@ -4,6 +4,7 @@ never be called."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -117,7 +118,7 @@ def test_a_docker_push_alone_deploys(
 
     v2_id = image_builder.build(builder, ref, "v2")
     v2_digest = image_builder.push(builder, ref)  # and nothing else
-    supervisor.wait_running_image_blocking(v2_id, timeout=30)
+    supervisor.wait_running_image_blocking(v2_id, timeout=60)
     assert clean_dockerd.image_id(ref) == v2_id
 
     # Each manifest push was acted on once; blob pushes were acknowledged and ignored.
@@ -132,7 +133,7 @@ def test_a_docker_push_alone_deploys(
     assert len(accepted(v1_digest)) == 1, log[-3000:]
     assert len(accepted(v2_digest)) == 1, log[-3000:]
     # The round is counted once the replacement is ready (running for --min_ready).
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while metrics(daemon).get(("deployer_containers_stopped_total", ())) != 1:
         assert time.monotonic() < deadline, daemon.log()[-3000:]
         time.sleep(0.2)
@@ -225,7 +226,10 @@ def test_etcd_mode_refused_requests_write_nothing(
         piece = b"1" * 65536
         chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         received = b""
-        try:
+        # The daemon answers and resets the connection (its body unread) as soon as it has
+        # more than 1 MiB: when that comes between a wait for its answer and the next chunk,
+        # sending fails, and the answer is read after all.
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             for _ in range(32):
                 s.sendall(chunk)
                 s.settimeout(0.02)
@@ -235,11 +239,10 @@ def test_etcd_mode_refused_requests_write_nothing(
                     continue
                 if received:
                     break
-            s.settimeout(5)
+        s.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
             while data := s.recv(4096):
                 received += data
-        except (ConnectionResetError, BrokenPipeError):
-            pass
     assert received.startswith(b"HTTP/1.1 413 "), received
 
     assert etcd_keys(etcd, etcd_prefix) == []
@@ -347,6 +350,6 @@ def test_callback_url_on_loopback_is_never_called(
                                   dockerhub("myorg/foo", f"https://127.0.0.1:{port}/hook"))
     assert status == 202
     try:
-        wait_until(lambda: listener.connections > 0, 10, "a callback to the allowed host")
+        wait_until(lambda: listener.connections > 0, 30, "a callback to the allowed host")
     except Exception as e:
         raise AssertionError(f"{e}\n{log_tail(allowed.log_path)}") from None
