@@ -221,7 +221,7 @@ class Registry:
             }
             endpoint: dict[str, Any] = {
                 "name": "webhook", "url": self.notify_url, "headers": headers,
-                "timeout": "2s", "threshold": 3, "backoff": "1s",
+                "timeout": "10s", "threshold": 3, "backoff": "1s",
             }
             if self.ignored_media_types:
                 endpoint["ignoredmediatypes"] = list(self.ignored_media_types)
