@@ -10,7 +10,9 @@ within ``ready_timeout``.
 It subscribes to the engine's events first, then inspects the container of that name once, and
 from then on follows the events: ``start`` (one inspect, to learn the image id the event does not
 carry), ``health_status``, ``die``. No per-container polling. Whenever the event stream was
-re-established (events may have been lost), it inspects once more.
+re-established (events may have been lost), it inspects once more. A replacement found started
+again since it was last seen (its ``die`` was lost with the stream: a restart policy, a dockerd
+restart) has ``min_ready`` counted anew from that start: it must run that long in one go.
 
 The result is a value, never an exception: :class:`Ready`, or :class:`NotReady` with a
 :class:`NotReadyReason`:
@@ -151,6 +153,7 @@ class _Seen:
     health: str | None
     health_checked: bool
     last_probe: str
+    started_at: str
 
     @classmethod
     def parse(cls, obj: Mapping[str, Any], healthcheck: bool | None) -> _Seen:
@@ -171,6 +174,7 @@ class _Seen:
             health_checked=(healthcheck if healthcheck is not None
                             else bool(test) and test != ["NONE"]),
             last_probe=str((probes[-1] or {}).get("Output", "")).strip()[:200] if probes else "",
+            started_at=str(state.get("StartedAt", "")),
         )
 
 
@@ -243,6 +247,8 @@ class _Wait:
                 return await self._unhealthy(candidate)
         elif item.verb in ("die", "destroy"):
             return self._exited(candidate, item.exit_code)
+        elif item.verb == "start":  # its own start heard again, or a start after a lost die
+            return await self._look(item.id, started=True)
         elif item.verb == "rename" and item.name != self.name:
             log.info("{name}: the container {id} was renamed to {new}; waiting for another",
                      name=self.name, id=_short(item.id), new=item.name)
@@ -280,7 +286,14 @@ class _Wait:
         return self._exited(seen, seen.exit_code)
 
     async def _running(self, seen: _Seen) -> Readiness | None:
-        if self.candidate is None or self.candidate.id != seen.id:
+        candidate = self.candidate
+        restarted = (candidate is not None and candidate.id == seen.id
+                     and candidate.started_at != seen.started_at)
+        if restarted:
+            log.info("{name}: {id} was started again (its stop was not heard); it must run"
+                     " {min_ready:g}s from this start", name=self.name, id=_short(seen.id),
+                     min_ready=self.rules.min_ready)
+        if candidate is None or candidate.id != seen.id or restarted:
             self._forget()
             self.candidate = seen
             if not seen.health_checked:

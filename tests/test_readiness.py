@@ -41,11 +41,12 @@ def container(
     id_: str, image: str, name: str = "web", *, status: str = "running", exit_code: int = 0,
     health: str | None = None, healthcheck: dict[str, Any] | None = None,
     probes: tuple[str, ...] = (), restarting: bool = False,
+    started_at: str = "2026-11-30T10:00:00.000000001Z",
 ) -> dict[str, Any]:
     """A ``GET /containers/{id}/json`` answer, as much of it as matters."""
     state: dict[str, Any] = {
         "Status": status, "Running": status == "running", "Restarting": restarting,
-        "ExitCode": exit_code,
+        "ExitCode": exit_code, "StartedAt": started_at,
     }
     if health is not None:
         state["Health"] = {"Status": health, "FailingStreak": 0,
@@ -460,6 +461,47 @@ def test_replacements_gone_before_their_inspect_mean_a_supervisor(s: Setup) -> N
     r = not_ready(d)
     assert r.reason is NotReadyReason.TIMEOUT
     assert "3 container(s) named web started and were gone" in r.detail
+
+
+def test_a_replacement_restarted_unheard_must_run_min_ready_from_its_new_start(
+    s: Setup,
+) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.clock.advance(3)
+    # Its die was lost with the stream (a dockerd restart): the resync finds it started again.
+    s.engine.put(container(NEW_ID, NEW, started_at="2026-11-30T10:00:03Z"))
+    s.events.resync()
+    s.clock.advance(4.9)
+    assert result(d) is None, "ready from its first start, although it restarted since"
+    s.clock.advance(0.1)
+    assert ready(d).waited == 8.0
+    finished_cleanly(s)
+
+
+def test_a_start_heard_again_counts_only_when_it_is_a_new_start(s: Setup) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.clock.advance(2)
+    s.events.emit("start", NEW_ID)  # the same start, replayed after a reconnect: no change
+    s.clock.advance(1)
+    s.engine.put(container(NEW_ID, NEW, started_at="2026-11-30T10:00:03Z"))
+    s.events.emit("start", NEW_ID)  # started again, its die unheard
+    s.clock.advance(4.9)
+    assert result(d) is None
+    s.clock.advance(0.1)
+    assert ready(d).waited == 8.0
+    assert s.engine.inspects.count(NEW_ID) == 3  # the replace's start and both starts heard
+
+
+def test_a_start_heard_of_a_replacement_that_died_again_is_exited(s: Setup) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.engine.put(container(NEW_ID, NEW, status="exited", exit_code=3,
+                           started_at="2026-11-30T10:00:03Z"))
+    s.events.emit("start", NEW_ID)
+    r = not_ready(d)
+    assert (r.reason, r.exit_code) == (NotReadyReason.EXITED, 3)
 
 
 def test_a_restarted_replacement_is_not_ready(s: Setup) -> None:
