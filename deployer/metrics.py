@@ -100,7 +100,9 @@ class Metrics:
         self.replacements = Counter(
             "deployer_replacements",
             "Stale containers handled by the rollout, by result (replaced, rolled_back, paused:"
-            " left running because the app's rollout is paused for that build, gone, error).",
+            " left running because the app's rollout is paused for that build, gone, error,"
+            " superseded: left running because a newer build arrived while it waited for its"
+            " rollout slot).",
             ["result"],
             registry=r,
         )
