@@ -7,7 +7,7 @@ deployer daemon per host in fleet mode on one etcd):
   timings);
 - a deployer SIGKILLed while it holds a slot: the slot is taken by another host once its lease
   expires (TTL 10 s), not before, and the rollout completes on the live hosts;
-- two pushes seconds apart, the first slow to be healthy: the hosts still waiting for the
+- two pushes a second apart, the first slow to be healthy: the hosts still waiting for the
   slot when the second lands skip the first (superseded) and go straight to the second, so at
   most one host ever runs it; every host ends on the second build;
 - ``POST /api/resume`` with bad input, and while etcd is down, on a real daemon: clear errors
@@ -273,18 +273,15 @@ def test_two_pushes_a_second_apart_end_on_the_second_everywhere(fleet: Fleet) ->
     fleet.start_daemons()
     name = fleet.hosts[0].sup.name
     # v2 is ready about 4 s after its start: the first host holds the slot that long, so the
-    # other two, in line, still wait for it when v3's webhook lands
+    # other two still wait for it when v3's webhook lands
     v2 = fleet.images.publish(ref, "v2", SLOW)
     builder = fleet.images.builder()
-    v3_id = fleet.images.build(builder, ref, "v3", GOOD)  # pushed while two hosts wait for v2
+    v3_id = fleet.images.build(builder, ref, "v3", GOOD)  # pushed a second after v2's webhook
 
     with StateSampler([h.engine for h in fleet.hosts], name) as sampler:
         began = time.monotonic()
         fleet.deploy(ref, via=0)
-        # v3 comes once two hosts wait in line behind the one replacing (rather than after a
-        # fixed second, which a loaded machine could spend before any pull of v2 began)
-        wait_until(lambda: sum("waiting for a rollout slot of" in h.deployer.log()
-                               for h in fleet.hosts) >= 2, 30, "two hosts in line", 0.1)
+        time.sleep(1.0)
         fleet.images.push(builder, ref)
         fleet.deploy(ref, via=1)
         parallel(*(lambda h=h: h.sup.wait_running_image_blocking(v3_id, 120)
@@ -327,7 +324,7 @@ def test_two_pushes_a_second_apart_end_on_the_second_everywhere(fleet: Fleet) ->
                       and "arrived while it waited for its rollout slot" in m]
         assert len(superseded) <= (0 if ran else 1), (host.name, superseded)
         said += len(superseded)
-    assert said >= 1  # the hosts in line when v3 landed
+    assert said >= 1  # (a host whose pull of v2 had not started yet got v3 in that round)
     assert stops <= 4, stops  # v1 -> v3 twice, v1 -> v2 -> v3 once
 
 
