@@ -53,7 +53,7 @@ def round_result(report: RoundReport, app: str) -> str:
     if app in report.failed:
         return f"pull failed: {report.failed[app]}"
     outcomes = [o for o in report.outcomes if o.app == app]
-    for result in (Result.ROLLED_BACK, Result.ERROR, Result.PAUSED, Result.SUPERSEDED):
+    for result in (Result.ROLLED_BACK, Result.ERROR, Result.PAUSED):
         found = [o for o in outcomes if o.result is result]
         if found:
             return f"{result.value}: {found[0].detail}" if found[0].detail else result.value

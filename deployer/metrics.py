@@ -100,9 +100,7 @@ class Metrics:
         self.replacements = Counter(
             "deployer_replacements",
             "Stale containers handled by the rollout, by result (replaced, rolled_back, paused:"
-            " left running because the app's rollout is paused for that build, gone, error,"
-            " superseded: left running because a newer build arrived while it waited for its"
-            " rollout slot).",
+            " left running because the app's rollout is paused for that build, gone, error).",
             ["result"],
             registry=r,
         )

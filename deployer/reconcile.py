@@ -64,7 +64,6 @@ from deployer.fetch import FetchEngine, Fetcher
 from deployer.freshness import Judged, TagHistory
 from deployer.host_apps import digest_for
 from deployer.model import Update
-from deployer.pending import Pending
 from deployer.reference import familiar, matches, with_tag
 from deployer.replace import enabled
 from deployer.rollout_round import Rollout
@@ -107,7 +106,7 @@ class Reconciler:
         self.retry_delay = retry_delay
         self.retry_max = retry_max
         self._retry_policy = backoff(retry_delay, retry_max)
-        self._pending = Pending(MAX_QUEUED_PER_PATTERN)
+        self._pending: dict[str, list[Update]] = {}
         self._rounds: list[Round] = []
         self._listing: Round | None = None
         #: The tags being handled by a round (pulled, then their containers replaced).
@@ -119,6 +118,8 @@ class Reconciler:
         self._idle: list[Deferred[None]] = []
         self._config_images: dict[str, str] = {}
         self._stopped = False
+        #: Requests folded into the newest one of their pattern (see MAX_QUEUED_PER_PATTERN).
+        self.merged = 0
         #: The newest build known of each tag (never backwards), and the updates it skipped.
         self.known = TagHistory()
         self.skipped = 0
@@ -143,13 +144,15 @@ class Reconciler:
                 log.info("update {update} joins the running round", update=update.describe())
                 current.join(update)
                 return
-        self._pending.add(update)
+        queued = self._pending.setdefault(pattern, [])
+        if len(queued) < MAX_QUEUED_PER_PATTERN:
+            queued.append(update)
+        else:
+            # A flood for one pattern while the engine is away: one round serves them all
+            # anyway; keep the oldest and the newest, and count what was merged.
+            queued[-1] = update
+            self.merged += 1
         self._kick()
-
-    @property
-    def merged(self) -> int:
-        """Requests folded into the newest one of their pattern (MAX_QUEUED_PER_PATTERN)."""
-        return self._pending.merged
 
     @property
     def busy(self) -> bool:
@@ -177,9 +180,11 @@ class Reconciler:
             return
         if self._retry is not None and self._retry.active():
             return
-        ready = {p: self._pending.take(p) for p in self._pending if not self._handling(p)}
+        ready = {p: us for p, us in self._pending.items() if not self._handling(p)}
         if not ready:
             return
+        for pattern in ready:
+            del self._pending[pattern]
         listing = self._listing
         if listing is not None:
             for updates in ready.values():
@@ -221,7 +226,8 @@ class Reconciler:
             d.callback(None)
 
     def _requeue(self, batch: dict[str, list[Update]], error: DockerError) -> None:
-        self._pending.put_back(batch)
+        for pattern, updates in batch.items():
+            self._pending.setdefault(pattern, [])[:0] = updates
         if self._stopped:
             log.info("stopping with {patterns} not deployed ({error})",
                      patterns=sorted(self._pending), error=str(error))
@@ -374,7 +380,6 @@ class Reconciler:
         The updates are judged here, once no more can join the round for this tag."""
         key = familiar(tag)
         state.waiting.discard(key)
-        state.served[key] = self._pending.arrived  # any update queued later came after
         judged = self.known.judge(key, [u for u in state.updates if matches(u.pattern, tag)])
         self.skipped += len(judged.older)
         if not judged.fresh:
@@ -398,17 +403,10 @@ class Reconciler:
                 continue
             stale.append(container)
         # All at once: the rollout slots decide how many go at a time (on a host, one in a
-        # fleet; --max_unavailable standalone), in this order. One still waiting gives up
-        # once a newer update of the tag is pending (deployer.pending).
-        digest = state.digests.get(tag)
-        after = state.served.get(tag, self._pending.arrived)
-
-        def superseded() -> bool:
-            return self._pending.supersedes(tag, after, digest, self.known) is not None
-
+        # fleet; --max_unavailable standalone), in this order.
         results = await DeferredList(
             [Deferred.fromCoroutine(self._replace_container(
-                container, tag, new_image, digest, superseded)) for container in stale],
+                container, tag, new_image, state.digests.get(tag))) for container in stale],
             consumeErrors=True,
         )
         failures: list[Failure] = []
@@ -432,13 +430,12 @@ class Reconciler:
             failure.raiseException()
 
     async def _replace_container(
-        self, container: Container, tag: str, new_image: str, digest: str | None = None,
-        superseded: Callable[[], bool] | None = None,
+        self, container: Container, tag: str, new_image: str, digest: str | None = None
     ) -> Outcome:
         """Replace one container that runs an older image of ``tag`` (see the module
         docstring); what became of it. Raises only :class:`DockerUnavailable`."""
         if self.rollout is not None:
-            return await self.rollout.replace(container, tag, new_image, digest, superseded)
+            return await self.rollout.replace(container, tag, new_image, digest)
         return await self._replacing.run(self._stop, container, tag, new_image)
 
     async def _stop(self, container: Container, tag: str, new_image: str) -> Outcome:

@@ -15,14 +15,6 @@ container of app ``A`` (its ``repo:tag``, familiar form) that runs an older imag
    ``A``'s pause every :data:`PAUSE_CHECK` seconds: paused for this very build (another host's
    replacement failed meanwhile), it does as in 1 at once, rather than at its turn (its place
    in the line gives the slot back as soon as it comes).
-   A newer build of ``A`` pending on this host (the round's ``superseded()``, asked when the
-   host asks for the slot, at every check while it waits, and once more when the slot comes)
-   ends the wait too: the container is left running, untouched (``A`` stays on the build this
-   round pulled, which no pause names), its place in the line gives the slot back as it
-   comes, and the outcome is :attr:`~deployer.rounds.Result.SUPERSEDED`; the round ends, and
-   the next one replaces it straight with the newer build. A replacement that holds its slot
-   is never interrupted, and a container skips at most one build in a row (its next
-   replacement is not superseded), so pushes faster than the rollout never starve a host.
 4. Paused meanwhile (between the last check and the turn)? As in 1.
 5. Replace it with the container's :class:`~deployer.replace.Replacer` (``--replace``, or its
    ``deployer.replace`` label), which waits until the replacement is ready.
@@ -39,17 +31,17 @@ of pauses are retried with a capped backoff while etcd does not answer.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from deployer.backoff import RetryPolicy, backoff, retrying
-from deployer.docker import Container, Image
+from deployer.docker import Container
 from deployer.errors import ContainerNotFound, DeployerError, DockerUnavailable
 from deployer.host_apps import HostApps
 from deployer.notify import PauseNotice
@@ -69,33 +61,7 @@ log = Logger()
 _T = TypeVar("_T")
 
 PAUSE_CHECK = 1.0
-"""How often, in seconds, a host waiting for a rollout slot reads its app's pause (and asks
-whether a newer build superseded the replacement)."""
-
-
-MAX_SKIPPED = 4096
-"""Superseded containers remembered (each skips no second build in a row)."""
-
-
-class RolloutEngine(Tagger, Protocol):
-    """What :class:`Rollout` needs of the engine (:class:`deployer.docker.DockerClient`)."""
-
-    async def inspect_image(self, name: str) -> Image: ...
-
-
-@attrs.frozen
-class _Superseded:
-    """The wait for a slot ended by a newer build of the app (see the module docstring)."""
-
-
-SUPERSEDED = _Superseded()
-
-#: What the wait for a slot ends with.
-Turn = Slot | PauseRecord | _Superseded
-
-
-def _never() -> bool:
-    return False
+"""How often, in seconds, a host waiting for a rollout slot reads its app's pause."""
 
 
 async def retry_logged(clock: IReactorTime, policy: RetryPolicy, what: str,
@@ -129,7 +95,7 @@ class Rollout:
     def __init__(
         self,
         clock: IReactorTime,
-        engine: RolloutEngine,
+        engine: Tagger,
         rollouts: Rollouts,
         replacers: Mapping[ReplaceMode, Replacer],
         *,
@@ -150,8 +116,6 @@ class Rollout:
         self.observers = list(observers)
         self.apps = apps if apps is not None else HostApps(rollouts.publish)
         self.retry = retry or backoff(0.5, 10.0, floor=0.1)
-        #: The containers whose last replacement was superseded (by id, oldest first).
-        self._skipped: dict[str, bool] = {}
 
     def replacer(self, container: Container) -> tuple[ReplaceMode, Replacer]:
         mode = wanted_mode(container, self.mode)
@@ -163,11 +127,9 @@ class Rollout:
     # -- one container --------------------------------------------------------------------------
 
     async def replace(self, container: Container, app: str, new_image: str,
-                      digest: str | None = None,
-                      superseded: Callable[[], bool] | None = None) -> Outcome:
+                      digest: str | None = None) -> Outcome:
         """Replace ``container`` of ``app`` with one on ``new_image`` (``digest``: its manifest
-        digest, when known), inside a rollout slot; unless ``superseded()`` turns true before
-        the slot is taken (a newer build of ``app`` is pending here). Never raises but
+        digest, when known), inside a rollout slot. Never raises but
         :class:`~deployer.errors.DockerUnavailable` (the engine is away: nothing was taken
         down, the round is retried) and cancellation."""
         replacement = Replacement(container, app, container.image_id, new_image)
@@ -191,28 +153,11 @@ class Rollout:
                          " on {host}: {reason})", app=app, new=_short(new_image),
                          old=_short(record.image_id), host=record.host, reason=record.reason)
         asked = self.clock.seconds()
-        # A container skips at most one build in a row: its next replacement goes through even
-        # if pushes keep coming, so a steady stream of them never keeps it on an old build.
-        skipped = self._skipped.pop(container.id, False)
-        newer = superseded if superseded is not None and not skipped else _never
-        turn: Turn = SUPERSEDED
-        if not newer():  # asked when it asks for the slot (the pause was just read)
-            turn = await self._turn(app, container.name, new_image, digest, newer)
-            if isinstance(turn, _Superseded):  # unless paused for this build meanwhile
-                record = await self._paused(app)
-                if record is not None and record.is_build(new_image, digest):
-                    turn = record
+        turn = await self._turn(app, container.name, new_image, digest)
         if isinstance(turn, PauseRecord):
             kept = await self._keep_previous(replacement, turn, self.clock.seconds() - asked)
             self._tell(kept)
             return kept
-        if isinstance(turn, _Superseded):
-            self._skipped[container.id] = True
-            while len(self._skipped) > MAX_SKIPPED:  # containers removed meanwhile
-                del self._skipped[next(iter(self._skipped))]
-            left = await self._superseded(replacement, self.clock.seconds() - asked)
-            self._tell(left)
-            return left
         slot = turn
         taken = self.clock.seconds()
         self.apps.replacing(container.name)
@@ -314,26 +259,6 @@ class Rollout:
                              f"paused since {record.host} reported: {record.reason}",
                              waited=waited)
 
-    async def _superseded(self, replacement: Replacement, waited: float) -> Outcome:
-        """Left running: a newer build of its app is pending here. Nothing is touched; the log
-        says what the app's tag points at meanwhile."""
-        app = replacement.app
-        try:
-            image_id: str | None = (await self.engine.inspect_image(app)).id
-        except DeployerError:  # not found, or the engine away: only the log line needs it
-            image_id = None
-        log.info(
-            "not replacing {name} with {app} {new}: a newer build of {app} arrived while it"
-            " waited for its rollout slot; it keeps running {old} (left untouched, {app} points"
-            " at {tag} here) until the next round replaces it with that build",
-            name=replacement.name, app=app, new=_short(replacement.new_image),
-            old=_short(replacement.old_image),
-            tag=_short(image_id) if image_id else "no image",
-        )
-        return self._outcome(replacement, Result.SUPERSEDED,
-                             "a newer build arrived while it waited for its rollout slot",
-                             waited=waited)
-
     def _lost(self, slot: Slot, replacement: Replacement) -> None:
         if slot.lost:
             log.warn(
@@ -345,48 +270,34 @@ class Rollout:
 
     # -- waiting for a slot ---------------------------------------------------------------------
 
-    def _turn(self, app: str, container: str, new_image: str, digest: str | None,
-              superseded: Callable[[], bool] = _never) -> Deferred[Turn]:
-        """A slot of ``app`` for ``container``; or the pause for this build, or
-        :data:`SUPERSEDED` (``superseded()`` turned true), if it comes first. The place in the
-        line is then kept, and the slot given back as soon as it comes: a request to etcd cut
-        short could still be carried out after a delete, and leave a key that holds the line
-        up. Cancelling gives up both."""
+    def _turn(self, app: str, container: str, new_image: str,
+              digest: str | None) -> Deferred[Slot | PauseRecord]:
+        """A slot of ``app`` for ``container``, or the pause for this build if it comes first.
+        The place in the line is then kept, and the slot given back as soon as it comes: a
+        request to etcd cut short could still be carried out after a delete, and leave a key
+        that holds the line up. Cancelling gives up both."""
         acquiring = self.rollouts.slots.acquire(app, container)
         if acquiring.called:
-            return cast("Deferred[Turn]", acquiring)
-        paused = self._paused_while_waiting(app, new_image, digest, superseded)
+            return cast("Deferred[Slot | PauseRecord]", acquiring)
+        paused = self._paused_while_waiting(app, new_image, digest)
 
-        def give_up(_: Deferred[Turn]) -> None:
+        def give_up(_: Deferred[Slot | PauseRecord]) -> None:
             acquiring.cancel()
             paused.cancel()
 
-        turn: Deferred[Turn] = Deferred(give_up)
-
-        newer = False
+        turn: Deferred[Slot | PauseRecord] = Deferred(give_up)
 
         def taken(slot: Slot) -> None:
-            nonlocal newer
-            if not turn.called and superseded():  # once more as the slot comes
-                newer = True
-                turn.callback(SUPERSEDED)
-                paused.cancel()
             if not turn.called:
                 turn.callback(slot)
                 paused.cancel()
                 return
-            if newer:
-                log.info("the rollout slot of {app} for {name} came after a newer build"
-                         " superseded its replacement: given back", app=app, name=container)
-            else:
-                log.info("the rollout slot of {app} for {name} came after the pause: given"
-                         " back", app=app, name=container)
+            log.info("the rollout slot of {app} for {name} came after the pause: given back",
+                     app=app, name=container)
             slot.release()  # never fails
 
-        def found(record: PauseRecord | _Superseded) -> None:
-            nonlocal newer
+        def found(record: PauseRecord) -> None:
             if not turn.called:
-                newer = isinstance(record, _Superseded)
                 turn.callback(record)
 
         def failed(failure: Failure) -> None:
@@ -401,21 +312,13 @@ class Rollout:
         paused.addCallbacks(found, lambda f: None if f.check(CancelledError) else failed(f))
         return turn
 
-    def _paused_while_waiting(
-        self, app: str, new_image: str, digest: str | None,
-        superseded: Callable[[], bool] = _never,
-    ) -> Deferred[PauseRecord | _Superseded]:
+    def _paused_while_waiting(self, app: str, new_image: str,
+                              digest: str | None) -> Deferred[PauseRecord]:
         """Fires with ``app``'s pause once a read (every :data:`PAUSE_CHECK` seconds) finds it
-        paused for this build, or with :data:`SUPERSEDED` once ``superseded()`` (asked before
-        each read) is true; a read that fails is logged (once in a row) and tried again."""
+        paused for this build; a read that fails is logged (once in a row) and tried again."""
         failing = False
 
         def check() -> Deferred[None]:
-            if superseded():
-                loop.stop()
-                found.callback(SUPERSEDED)
-                return succeed(None)
-
             def read(record: PauseRecord | None) -> None:
                 nonlocal failing
                 failing = False
@@ -434,11 +337,11 @@ class Rollout:
 
             return self.rollouts.pauses.get(app).addCallbacks(read, failed)
 
-        def stop(_: Deferred[PauseRecord | _Superseded]) -> None:
+        def stop(_: Deferred[PauseRecord]) -> None:
             if loop.running:
                 loop.stop()
 
-        found: Deferred[PauseRecord | _Superseded] = Deferred(stop)
+        found: Deferred[PauseRecord] = Deferred(stop)
         loop = LoopingCall(check)
         loop.clock = self.clock
         loop.start(PAUSE_CHECK, now=False).addErrback(

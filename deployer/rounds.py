@@ -59,9 +59,6 @@ class Result(enum.Enum):
     GONE = "gone"
     #: Left running: it could not be taken down (an engine error, a replace mode refused).
     ERROR = "error"
-    #: Left running: a newer build of its tag arrived while it waited for its rollout slot;
-    #: the next round replaces it, straight to that build.
-    SUPERSEDED = "superseded"
 
     @property
     def taken_down(self) -> bool:
@@ -144,9 +141,6 @@ class Round:
     local: frozenset[str] = frozenset()
     #: The tags whose pull has not started yet.
     waiting: set[str] = attrs.field(factory=set)
-    #: Per tag whose pull started: the number of the last update that had arrived then
-    #: (:attr:`deployer.pending.Pending.arrived`); the round serves none that came after.
-    served: dict[str, int] = attrs.field(factory=dict)
     #: Tags still being handled (pulled, then their containers replaced).
     remaining: int = 0
     pull_seconds: dict[str, float] = attrs.field(factory=dict)
