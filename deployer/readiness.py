@@ -10,9 +10,12 @@ within ``ready_timeout``.
 It subscribes to the engine's events first, then inspects the container of that name once, and
 from then on follows the events: ``start`` (one inspect, to learn the image id the event does not
 carry), ``health_status``, ``die``. No per-container polling. Whenever the event stream was
-re-established (events may have been lost), it inspects once more. A replacement found started
-again since it was last seen (its ``die`` was lost with the stream: a restart policy, a dockerd
-restart) has ``min_ready`` counted anew from that start: it must run that long in one go.
+re-established (events may have been lost), it inspects once more. A replacement without a
+health check is inspected once more when ``min_ready`` is up, and is ready only if it still runs
+since the same start: a ``die`` lost with the stream (a dockerd restart loses the events it had
+not sent) never makes a dead container ready. One found started again since it was last seen
+(at that inspect, a resync or a ``start`` heard) has ``min_ready`` counted anew from that
+start: it must run that long in one go.
 
 The result is a value, never an exception: :class:`Ready`, or :class:`NotReady` with a
 :class:`NotReadyReason`:
@@ -43,6 +46,9 @@ DEFAULT_MIN_READY = 5.0
 """``--min_ready``: seconds a container without a health check must run to be ready."""
 DEFAULT_READY_TIMEOUT = 300.0
 """``--ready_timeout``: seconds a replacement has to become ready."""
+SETTLED_AGAIN = 1.0
+"""Seconds before asking the engine again whether a replacement still runs, when it could not
+answer once ``min_ready`` was up."""
 
 
 class NotReadyReason(enum.Enum):
@@ -232,7 +238,7 @@ class _Wait:
             return await self._look(self.name)
         if isinstance(item, _Settled):
             if self.candidate is not None and self.candidate.id == item.container_id:
-                return self._ready(self.candidate)
+                return await self._settled(self.candidate)
             return None
         assert isinstance(item, ContainerEvent)
         candidate = self.candidate
@@ -306,6 +312,27 @@ class _Wait:
             if seen.health == "unhealthy":
                 return await self._unhealthy(seen)
         return None
+
+    async def _settled(self, candidate: _Seen) -> Readiness | None:
+        """``min_ready`` is up for ``candidate``: ready if the engine says it still runs since
+        the same start."""
+        try:
+            seen = _Seen.parse(await self.engine.inspect_container(candidate.id),
+                               self.healthcheck)
+        except ContainerNotFound:
+            return self._exited(candidate, None)
+        except DockerError as e:
+            log.warn("{name}: cannot inspect {id} once it has run {min_ready:g}s ({why});"
+                     " asking again in {again:g}s", name=self.name, id=_short(candidate.id),
+                     min_ready=self.rules.min_ready, why=e, again=SETTLED_AGAIN)
+            self.settle = self.clock.callLater(SETTLED_AGAIN, self.queue.put,
+                                               _Settled(candidate.id))
+            return None
+        if not seen.running:
+            return self._exited(seen, seen.exit_code)
+        if seen.started_at != candidate.started_at:
+            return await self._running(seen)  # restarted, its die unheard: counted anew
+        return self._ready(seen)
 
     def _forget(self) -> None:
         self.candidate = None

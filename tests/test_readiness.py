@@ -17,6 +17,7 @@ from deployer.events import ContainerEvent, EngineEvents
 from deployer.readiness import (
     DEFAULT_MIN_READY,
     DEFAULT_READY_TIMEOUT,
+    SETTLED_AGAIN,
     NotReady,
     NotReadyReason,
     Readiness,
@@ -491,7 +492,40 @@ def test_a_start_heard_again_counts_only_when_it_is_a_new_start(s: Setup) -> Non
     assert result(d) is None
     s.clock.advance(0.1)
     assert ready(d).waited == 8.0
-    assert s.engine.inspects.count(NEW_ID) == 3  # the replace's start and both starts heard
+    # the replace's start, both starts heard, and the look once min_ready was up
+    assert s.engine.inspects.count(NEW_ID) == 4
+
+
+def test_a_replacement_dead_unheard_when_min_ready_is_up_has_exited(s: Setup) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.clock.advance(2)
+    # It died, and its die was lost with the stream (no resync came yet):
+    s.engine.put(container(NEW_ID, NEW, status="exited", exit_code=137))
+    s.clock.advance(3)
+    r = not_ready(d)
+    assert (r.reason, r.exit_code, r.waited) == (NotReadyReason.EXITED, 137, 5.0)
+
+
+def test_a_replacement_restarted_unheard_when_min_ready_is_up_runs_it_again(s: Setup) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.clock.advance(2)
+    s.engine.put(container(NEW_ID, NEW, started_at="2026-11-30T10:00:02Z"))  # nothing heard
+    s.clock.advance(3)
+    assert result(d) is None, "ready, although it has run 3 s since it started again"
+    s.clock.advance(5)
+    assert ready(d).waited == 10.0
+
+
+def test_an_engine_error_when_min_ready_is_up_is_asked_again(s: Setup) -> None:
+    d = s.wait(ReadyRules(min_ready=5))
+    s.replace(container(NEW_ID, NEW))
+    s.engine.errors = [DockerUnavailable("cannot reach the Docker engine")]
+    s.clock.advance(5)
+    assert result(d) is None
+    s.clock.advance(SETTLED_AGAIN)
+    assert ready(d).waited == 5.0 + SETTLED_AGAIN
 
 
 def test_a_start_heard_of_a_replacement_that_died_again_is_exited(s: Setup) -> None:

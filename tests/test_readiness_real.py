@@ -5,6 +5,7 @@ all."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from deployer.errors import ContainerNotFound, ImageNotFound
+from deployer.events import ContainerEvent, EventSource
 from deployer.readiness import NotReady, NotReadyReason, Ready, ReadyRules, wait_ready
 from tests.stack.docker_stack import unique
 
@@ -140,6 +142,42 @@ async def test_a_build_whose_health_check_fails_is_unhealthy(engine: Engine) -> 
     assert state is not None and state["Id"] == result.container_id
     assert state["Image"] == bad
     assert state["State"]["Health"]["FailingStreak"] >= 2
+
+
+class WithoutDies:
+    """The engine's events without its ``die`` events, as if they were lost with the stream
+    (a dockerd that restarts loses the events it had not sent)."""
+
+    def __init__(self, events: EventSource) -> None:
+        self.events = events
+
+    def subscribe(self, heard: Callable[[ContainerEvent], object],
+                  resync: Callable[[], object]) -> Any:
+        def without_dies(event: ContainerEvent) -> None:
+            if event.verb != "die":
+                heard(event)
+
+        return self.events.subscribe(without_dies, resync)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_build_restarted_by_its_policy_with_its_dies_unheard_is_not_ready(
+    engine: Engine,
+) -> None:
+    """It dies 1 s after each start and its restart policy starts it again; its ``die`` events
+    are lost: it never runs ``min_ready`` in one go, so it is never ready (the engine, asked when
+    ``min_ready`` is up, says it stopped or started again)."""
+    ref, name = f"{unique('app')}:qa", unique("c")
+    bad = await engine.build("dying", ref, "v1", after=1.0, code=3)
+    d = wait_ready(engine.reactor, engine.client, WithoutDies(engine.events), name, bad,
+                   ReadyRules(min_ready=2.5, ready_timeout=20.0))
+    await engine.run(ref, name, restart="always")
+    try:
+        result = await engine.settle(d)
+        assert isinstance(result, NotReady), result
+        assert result.reason in (NotReadyReason.EXITED, NotReadyReason.TIMEOUT), result
+    finally:
+        await engine.remove(name)
 
 
 @pytest_twisted.ensureDeferred

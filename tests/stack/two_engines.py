@@ -36,7 +36,6 @@ from tests.stack.docker_stack import (
     StackError,
     Supervisor,
     build_image,
-    run_container,
 )
 from tests.stack.health_images import (
     FAILING_TEST,
@@ -71,7 +70,8 @@ class Engine(Protocol):
         """A local image ``ref``: ``plain``, ``healthy``, ``failing`` (its health check never
         passes) or ``dying`` (``after=``, ``code=``); its id."""
 
-    async def run(self, ref: str, name: str) -> str: ...
+    async def run(self, ref: str, name: str, restart: str | None = None) -> str:
+        """``docker run -d --name NAME [--restart RESTART] REF``; its id."""
 
     async def rename(self, name: str, new: str) -> None: ...
 
@@ -149,8 +149,10 @@ class MemorySide:
             return memory_dying_image(self.mem, ref, version, **kw)
         raise ValueError(recipe)
 
-    async def run(self, ref: str, name: str) -> str:
-        return self.mem.run(name, ref)
+    async def run(self, ref: str, name: str, restart: str | None = None) -> str:
+        if restart is None:
+            return self.mem.run(name, ref)
+        return self.mem.run(name, ref, HostConfig={"RestartPolicy": {"Name": restart}})
 
     async def rename(self, name: str, new: str) -> None:
         self.mem.rename_container(name, new)
@@ -246,9 +248,11 @@ class RealSide:
         image_id: str = await threads.deferToThread(build, self.dockerd, ref, version, **kw)
         return image_id
 
-    async def run(self, ref: str, name: str) -> str:
-        container_id: str = await threads.deferToThread(run_container, self.dockerd, ref, name)
-        return container_id
+    async def run(self, ref: str, name: str, restart: str | None = None) -> str:
+        options = ["--restart", restart] if restart is not None else []
+        container_id: str = await threads.deferToThread(
+            self.dockerd.cli, "run", "-d", "--name", name, *options, ref)
+        return container_id.strip()
 
     async def rename(self, name: str, new: str) -> None:
         await self.dockerd.acli("rename", name, new)
