@@ -741,6 +741,7 @@ def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
         ("GET", "/containers/bar/json"),  # the readiness wait looks at the name first
         ("POST", f"/containers/{bar_id}/stop"),
         ("GET", f"/containers/{bar.id}/json"),  # then at the container that started
+        ("GET", f"/containers/{bar.id}/json"),  # and again once it has run --min_ready
     ]
     assert [rep.patterns for rep in host.reports] == [(f"{BAR}:qa",)]
 
@@ -760,6 +761,7 @@ def test_a_held_pull_holds_up_only_the_requests_for_its_tag(host: Host) -> None:
         ("GET", "/containers/foo/json"),
         ("POST", f"/containers/{foo_id}/stop"),
         ("GET", f"/containers/{foo.id}/json"),
+        ("GET", f"/containers/{foo.id}/json"),  # once it has run --min_ready
         # the round for the request that waited: one more pull (the push may be newer)
         ("GET", "/images/json"),
         ("GET", "/containers/json"),
@@ -1038,13 +1040,14 @@ def _round_calls(containers: int) -> tuple[Counter[tuple[str, str]], int, int]:
 
 
 def test_engine_calls_per_round_do_not_grow_with_containers() -> None:
-    """Per stale container: its stop and the two inspects of its readiness wait (the name,
-    then the container that started); nothing else grows."""
+    """Per stale container: its stop and the three inspects of its readiness wait (the name,
+    the container that started, and that container once it has run --min_ready); nothing else
+    grows."""
     few, few_stops, few_inspects = _round_calls(3)
     many, many_stops, many_inspects = _round_calls(30)
 
     assert (few_stops, many_stops) == (3, 30)
-    assert (few_inspects, many_inspects) == (6, 60)
+    assert (few_inspects, many_inspects) == (9, 90)
     assert few == many == {("GET", "/images/json"): 1, ("GET", "/containers/json"): 1,
                            ("POST", PULL): 1, ("GET", f"/images/{FOO}:qa/json"): 1}
 
