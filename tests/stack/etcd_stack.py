@@ -288,16 +288,24 @@ class EtcdCluster:
             for member in members:
                 member.thaw()
 
-    def _leader(self) -> tuple[int, list[int]]:
-        """The index of the leader, and every member's id (all members must be running)."""
-        status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
-        by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
-        ids = [by_url[url] for url in self.urls]
-        return ids.index(status[0]["Status"]["leader"]), ids
+    def leader(self, timeout: float = 30.0) -> tuple[int, list[int]]:
+        """The index of the leader, and every member's id (all members must be running), once
+        every member names the same one (during an election a member names none)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
+            by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
+            ids = [by_url[url] for url in self.urls]
+            leaders = {s["Status"].get("leader", 0) for s in status}
+            if len(leaders) == 1 and (leader := leaders.pop()) in ids:
+                return ids.index(leader), ids
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the members name no one leader after {timeout}s: {status}")
+            time.sleep(0.1)
 
     def leader_first_follower(self) -> tuple[int, int]:
         """The indexes of the leader and of the first member that is not the leader."""
-        leader, ids = self._leader()
+        leader, ids = self.leader()
         return leader, next(i for i in range(len(ids)) if i != leader)
 
     def keep_leader_off(self, index: int, timeout: float = 10.0) -> None:
@@ -306,7 +314,7 @@ class EtcdCluster:
         machine a missed heartbeat can move the leadership at any time."""
         deadline = time.monotonic() + timeout
         while True:
-            leader, ids = self._leader()
+            leader, ids = self.leader()
             if leader != index:
                 return
             if time.monotonic() > deadline:
