@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
@@ -175,17 +176,16 @@ class FleetSlots:
     async def _enqueue(self, app: str, key: str, container: str, lease: Lease) -> int | None:
         """Write this host's key; its create revision, or None once the lease is lost."""
         value = {"host": self.hostname, "container": container, "since": self.clock.seconds()}
-        body = {
+        put = [{"request_put": {"key": b64(key), "value": json_value(value),
+                                "lease": str(lease.id)}}]
+        create = {
             "compare": [created_at(key, 0)],  # no such key yet
-            "success": [
-                {"request_put": {"key": b64(key), "value": json_value(value),
-                                 "lease": str(lease.id)}}
-            ],
+            "success": put,
             "failure": [{"request_range": {"key": b64(key)}}],
         }
 
-        async def txn() -> dict[str, Any] | None:
-            """etcd's answer; None once the lease is lost."""
+        async def txn(body: dict[str, Any]) -> dict[str, Any] | None:
+            """etcd's answer to ``body``; None once the lease is lost."""
             if not lease.alive:
                 return None
             try:
@@ -196,10 +196,9 @@ class FleetSlots:
                 self.keeper.invalidate(lease, "etcd no longer knows it (seen taking a slot)")
                 return None
 
-        first = body
         while True:
-            body = first
-            reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
+            reply = await self._retrying(partial(txn, create),
+                                         "queue for a rollout slot of {app}", app=app)
             if reply is None:
                 return None
             if reply.get("succeeded", False):
@@ -213,8 +212,9 @@ class FleetSlots:
             # Ours, left by an earlier wait: our place. Written again (while it is that key),
             # so that a sweep's delete of it, guarded by the revision it read, misses.
             place = existing[0].create_revision
-            body = {"compare": [created_at(key, place)], "success": first["success"]}
-            reply = await self._retrying(txn, "queue for a rollout slot of {app}", app=app)
+            rewrite = {"compare": [created_at(key, place)], "success": put}
+            reply = await self._retrying(partial(txn, rewrite),
+                                         "queue for a rollout slot of {app}", app=app)
             if reply is None:
                 return None
             if reply.get("succeeded", False):
