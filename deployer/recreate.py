@@ -417,8 +417,6 @@ class RecreateReplacer:
             await self.engine.rename(plan.old_id, plan.name)
 
 
-
-
 def _short(id_: str) -> str:
     prefix, _, rest = id_.rpartition(":")
     return f"{prefix}:{rest[:12]}" if prefix else rest[:12]
