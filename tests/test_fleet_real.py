@@ -289,7 +289,7 @@ def test_the_fleet_survives_the_loss_of_the_first_etcd_member(
     # While the others elect a leader, no member acknowledges a write and a webhook is answered
     # 503 (by design): the webhook goes in once they have one; the daemons' watches and their
     # member in use still move off the dead member through the election.
-    _wait_for_a_leader(cluster)
+    cluster.leader()  # once the running members agree on one
     status, body = a.deployer.post_json(WEBHOOK, payload)
     assert status == 202, body
     parallel(*(lambda h=h: h.wait_running(v3) for h in hosts))
@@ -314,23 +314,6 @@ def _make_leader(cluster: EtcdCluster, member: EtcdMember) -> str:
     if leader != index:
         etcdctl(cluster.urls[leader], "move-leader", f"{ids[index]:x}")
     return cluster.urls[cluster.leader()[0]]
-
-
-def _wait_for_a_leader(cluster: EtcdCluster, timeout: float = 30) -> None:
-    """Until every running member names the same leader, one of them."""
-    def led() -> bool:
-        try:
-            status = json.loads(etcdctl(cluster.running_urls(), "endpoint", "status", "-w",
-                                        "json"))
-        except (RuntimeError, ValueError):
-            return False
-        ids = {s["Status"]["header"]["member_id"] for s in status}
-        # a member without a leader leaves the field out (0 in etcd's protobuf)
-        leaders = {s["Status"].get("leader", 0) for s in status}
-        return len(status) == len(cluster.running_urls()) and len(leaders) == 1 \
-            and leaders <= ids
-
-    wait_until(led, timeout, "a leader among the running etcd members", 0.1)
 
 
 def test_etcd_restart_refuses_then_deploys_once(

@@ -289,18 +289,25 @@ class EtcdCluster:
                 member.thaw()
 
     def leader(self, timeout: float = 30.0) -> tuple[int, list[int]]:
-        """The index of the leader, and every member's id (all members must be running), once
-        every member names the same one (during an election a member names none)."""
+        """The index of the leader, and every member's id (0 for one not running), once every
+        running member names the same running one (during an election a member names none)."""
         deadline = time.monotonic() + timeout
         while True:
-            status = json.loads(etcdctl(self.urls, "endpoint", "status", "-w", "json"))
+            urls = self.running_urls()
+            try:
+                status = json.loads(etcdctl(urls, "endpoint", "status", "-w", "json"))
+            except (RuntimeError, ValueError) as e:  # a member that does not answer yet
+                status, why = [], str(e)
+            else:
+                why = str(status)
             by_url = {s["Endpoint"]: s["Status"]["header"]["member_id"] for s in status}
-            ids = [by_url[url] for url in self.urls]
+            ids = [by_url.get(url, 0) for url in self.urls]
             leaders = {s["Status"].get("leader", 0) for s in status}
-            if len(leaders) == 1 and (leader := leaders.pop()) in ids:
+            if len(status) == len(urls) and len(leaders) == 1 \
+                    and (leader := leaders.pop()) in by_url.values():
                 return ids.index(leader), ids
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the members name no one leader after {timeout}s: {status}")
+                raise RuntimeError(f"the members name no one leader after {timeout}s: {why}")
             time.sleep(0.1)
 
     def leader_first_follower(self) -> tuple[int, int]:
